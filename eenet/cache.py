@@ -354,7 +354,8 @@ class CacheWriter:
         if labels.shape != (b,):
             raise EenetError(f"{self.path}: a batch of {b} logits came with labels of shape "
                              f"{labels.shape}")
-        cast = logits.astype(self.dtype, copy=False)
+        with np.errstate(over="ignore"):  # overflow is reported below, with the fix
+            cast = logits.astype(self.dtype, copy=False)
         bad = ~np.isfinite(cast)
         if bad.any():
             first = np.argwhere(bad)[0]

@@ -1,0 +1,225 @@
+"""Turn logits or probabilities a user already has into an exit cache.
+
+Accepted sources:
+
+* ``.npz`` with ``logits`` *or* ``probs`` [n_samples, n_exits, n_classes],
+  ``labels`` [n_samples] and optionally ``costs`` [n_exits];
+* ``.npy`` holding one array (labels and costs come from arguments);
+* ``.pt`` / ``.pth`` loaded with ``torch.load(weights_only=True)``: a tensor,
+  a list or tuple of per-exit [n_samples, n_classes] tensors, or a dict with
+  the same keys as the ``.npz``.
+
+Probabilities are stored as log-probabilities (their softmax gives back the
+probabilities), with the root attribute ``logits_kind = "log_probs"``.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from eenet._checks import EenetError, _check_costs
+from eenet.cache import ExitCache, write_cache
+
+Layout = Literal["nkc", "knc"]
+_PROB_FLOOR = 1e-30  # log(0) would be -inf; anything this small is "impossible" already
+
+
+def _load_any(path: Path, what: str) -> Any:
+    """Load an ``.npz``, ``.npy``, ``.pt``/``.pth`` or text file into numpy-friendly objects."""
+    if not path.is_file():
+        raise EenetError(f"{what} file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix in (".pt", ".pth"):
+            import torch
+
+            return torch.load(path, map_location="cpu", weights_only=True)
+        if suffix in (".txt", ".csv"):
+            return np.loadtxt(path, delimiter="," if suffix == ".csv" else None)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise EenetError(f"{what} file {path} cannot be read ({first}); is it corrupt?") from None
+    except Exception as err:  # torch's unpickler raises its own error types
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise EenetError(f"{what} file {path} cannot be loaded with weights_only=True "
+                         f"({first}); save plain tensors, lists or dicts") from None
+    raise EenetError(f"{what} file {path} has an unsupported extension {suffix!r}; "
+                     f"use .npz, .npy, .pt or .pth")
+
+
+def _to_numpy(value: Any, name: str, path: Path) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu().float().numpy() if value.is_floating_point() \
+                else value.detach().cpu().numpy()
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor)
+                                                              for v in value):
+            # a list of per-exit [n_samples, n_classes] outputs -> [n_samples, n_exits, n_classes]
+            shapes = {tuple(v.shape) for v in value}
+            if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+                raise EenetError(f"{path}: {name} is a list of exit outputs with shapes "
+                                 f"{sorted(shapes)}; expected one [n_samples, n_classes] "
+                                 f"tensor per exit")
+            return torch.stack([v.detach().cpu().float() for v in value], dim=1).numpy()
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+    try:
+        return np.asarray(value)
+    except Exception:
+        raise EenetError(f"{path}: {name} of type {type(value).__name__} is not an "
+                         f"array") from None
+
+
+def _as_int_labels(labels: np.ndarray, path: Path) -> np.ndarray:
+    labels = np.asarray(labels).reshape(-1) if np.ndim(labels) == 2 and 1 in np.shape(labels) \
+        else np.asarray(labels)
+    if labels.ndim != 1:
+        raise EenetError(f"{path}: labels must be a 1-D array of class indices, got shape "
+                         f"{labels.shape}")
+    if np.issubdtype(labels.dtype, np.floating):
+        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+            raise EenetError(f"{path}: labels must be integer class indices")
+    elif not np.issubdtype(labels.dtype, np.integer):
+        raise EenetError(f"{path}: labels must be integer class indices, got dtype "
+                         f"{labels.dtype}")
+    return labels.astype(np.int64)
+
+
+def parse_costs(text: str | Sequence[float] | None) -> np.ndarray | None:
+    """Parse ``"1.2,3.4,5"`` (or a sequence) into a float64 array; ``None`` passes through."""
+    if text is None:
+        return None
+    if isinstance(text, str):
+        try:
+            return np.array([float(v) for v in text.split(",") if v.strip()], dtype=np.float64)
+        except ValueError:
+            raise EenetError(f"costs {text!r} must be comma-separated numbers, e.g. "
+                             f"'1.5,3,4.5,6'") from None
+    return np.asarray(text, dtype=np.float64)
+
+
+def load_exit_outputs(src: str | os.PathLike, *, labels: str | os.PathLike | None = None,
+                      costs: Sequence[float] | str | None = None, cost_unit: str = "ms",
+                      layout: Layout = "nkc", probs: bool = False, model: str = "",
+                      dataset: str = "", split: str = "") -> ExitCache:
+    """Read existing exit outputs into an in-memory :class:`ExitCache`.
+
+    Args:
+        src: ``.npz``, ``.npy`` or ``.pt``/``.pth`` (see the module docstring).
+        labels: a separate labels file (``.npy``, ``.npz`` with ``labels``,
+            ``.pt``, ``.txt``); required when ``src`` carries none.
+        costs: cumulative per-exit costs; overrides costs stored in ``src``.
+        cost_unit: unit of the costs.
+        layout: ``"nkc"`` for [n_samples, n_exits, n_classes] (default) or
+            ``"knc"`` for [n_exits, n_samples, n_classes].
+        probs: the array holds probabilities, not logits (implied by a
+            ``probs`` key).
+        model, dataset, split: provenance written to the cache.
+
+    Returns:
+        The cache (not yet written; see :func:`import_exit_outputs`).
+
+    Raises:
+        EenetError: a missing file, an unknown key or layout, shapes that do
+            not fit, probabilities that do not sum to one, missing costs.
+    """
+    src = Path(src)
+    if layout not in ("nkc", "knc"):
+        raise EenetError(f"layout must be 'nkc' or 'knc', got {layout!r}")
+    raw = _load_any(src, "source")
+    stored_labels = stored_costs = None
+    if isinstance(raw, dict):
+        keys = sorted(map(str, raw))
+        if "logits" in raw and "probs" in raw:
+            raise EenetError(f"{src}: holds both 'logits' and 'probs'; keep one")
+        if "probs" in raw:
+            array, probs = raw["probs"], True
+        elif "logits" in raw:
+            array = raw["logits"]
+        else:
+            raise EenetError(f"{src}: expected a key 'logits' or 'probs' "
+                             f"[n_samples, n_exits, n_classes], found keys {keys}")
+        stored_labels = raw.get("labels")
+        stored_costs = raw.get("costs")
+    else:
+        array = raw
+    array = _to_numpy(array, "logits", src)
+    if array.ndim != 3:
+        raise EenetError(f"{src}: exit outputs have shape {array.shape}; expected 3 "
+                         f"dimensions [n_samples, n_exits, n_classes] (or [n_exits, n_samples, "
+                         f"n_classes] with layout 'knc')")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise EenetError(f"{src}: exit outputs must be floating point, got {array.dtype}")
+    if layout == "knc":
+        array = np.swapaxes(array, 0, 1)  # [n_exits, n_samples, n_classes] -> [n_samples, ...]
+    array = np.ascontiguousarray(array, dtype=np.float32)
+
+    if labels is not None:
+        raw_labels = _load_any(Path(labels), "labels")
+        if isinstance(raw_labels, dict):
+            if "labels" not in raw_labels:
+                raise EenetError(f"{labels}: expected a key 'labels', found "
+                                 f"{sorted(map(str, raw_labels))}")
+            raw_labels = raw_labels["labels"]
+        stored_labels = raw_labels
+    if stored_labels is None:
+        raise EenetError(f"{src}: no labels; store them under 'labels' or pass --labels PATH")
+    label_arr = _as_int_labels(_to_numpy(stored_labels, "labels", src), src)
+    if label_arr.shape[0] != array.shape[0]:
+        hint = " (is the layout 'knc'?)" if label_arr.shape[0] == array.shape[1] else ""
+        raise EenetError(f"{src}: {array.shape[0]} samples of exit outputs but "
+                         f"{label_arr.shape[0]} labels{hint}")
+
+    cost_arr = parse_costs(costs) if costs is not None else (
+        None if stored_costs is None else _to_numpy(stored_costs, "costs", src).astype(float))
+    if cost_arr is None:
+        raise EenetError(f"{src}: no per-exit costs; pass --costs c1,c2,... "
+                         f"({array.shape[1]} cumulative values in {cost_unit})")
+    cost_arr = _check_costs(cost_arr, array.shape[1])
+
+    kind = "logits"
+    if probs:
+        if not np.all(np.isfinite(array)):
+            raise EenetError(f"{src}: probabilities contain NaN or inf")
+        sums = array.sum(axis=2)
+        if array.min() < 0 or array.max() > 1 or np.abs(sums - 1).max() > 1e-3:
+            raise EenetError(f"{src}: values are not probabilities (each row must lie in "
+                             f"[0, 1] and sum to 1, worst row sums to "
+                             f"{sums.flat[np.abs(sums - 1).argmax()]:.4g}); drop --probs for "
+                             f"logits")
+        array = np.log(np.maximum(array, _PROB_FLOOR))
+        kind = "log_probs"
+    return ExitCache(logits=array, labels=label_arr, costs=cost_arr, cost_unit=cost_unit,
+                     cost_source="given", model=model or src.stem, dataset=dataset,
+                     split=split, logits_kind=kind)
+
+
+def import_exit_outputs(src: str | os.PathLike, out: str | os.PathLike, *,
+                        dtype: Literal["float32", "float16"] = "float32",
+                        **kwargs: Any) -> ExitCache:
+    """Read ``src`` with :func:`load_exit_outputs` and write it to ``out`` atomically.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> d = tempfile.mkdtemp()
+        >>> np.savez(os.path.join(d, "val.npz"), logits=np.random.randn(8, 3, 5),
+        ...          labels=np.arange(8) % 5, costs=[1.0, 2.0, 3.0])
+        >>> import_exit_outputs(os.path.join(d, "val.npz"), os.path.join(d, "val.h5")).n_exits
+        3
+    """
+    cache = load_exit_outputs(src, **kwargs)
+    write_cache(out, cache, dtype=dtype)
+    return cache
