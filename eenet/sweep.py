@@ -78,28 +78,49 @@ def _row(method: str, budget: float, seed: int, test_res, val_res) -> dict[str, 
     }
 
 
+def parse_method_spec(spec: str) -> tuple[str, str | None, str]:
+    """``"name"`` or ``"name:calibration"`` -> (canonical name, calibration, row label).
+
+    Example:
+        >>> parse_method_spec("msdnet:search")
+        ('maxprob', 'search', 'maxprob:search')
+    """
+    name, _, calib = spec.strip().partition(":")
+    name = "oracle" if name.strip().lower() == "oracle" else resolve_method(name)
+    calib = calib.strip() or None
+    if calib is not None:
+        from eenet.exit_policy import _MODES_FOR
+        from eenet._checks import _check_choice
+
+        if name == "oracle":
+            raise EenetError("the oracle has no calibration; write it as 'oracle'")
+        _check_choice(f"calibration for {name}", calib, _MODES_FOR[name])
+    return name, calib, name if calib is None else f"{name}:{calib}"
+
+
 def fit_cell(val: ExitCache, test: ExitCache, method: str, budget: float, seed: int,
-             calibration: str | None = None, hparams: dict[str, Any] | None = None
-             ) -> dict[str, Any]:
+             calibration: str | None = None, hparams: dict[str, Any] | None = None,
+             label: str | None = None) -> dict[str, Any]:
     """Fit ``method`` on ``val`` at ``budget`` and score it on both splits; one CSV row."""
     if method == "oracle":
         return _row("oracle", budget, seed, evaluate_oracle(test, budget),
                     evaluate_oracle(val, budget))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the sweep reports per-cell outcomes in the table
-        policy = ExitPolicy(method, calibration=_calibration_for(method, calibration),
-                            seed=seed, **(hparams or {}))
+        policy = ExitPolicy(method, calibration=calibration, seed=seed,
+                            **(hparams or {}) if method == "eenet" else {})
         policy.fit(val, budget)
-        return _row(method, budget, seed, policy.evaluate(test), policy.evaluate(val))
+        return _row(label or method, budget, seed, policy.evaluate(test),
+                    policy.evaluate(val))
 
 
 def _calibration_for(method: str, calibration: str | None) -> str | None:
     """A sweep-wide calibration applies where the method supports it."""
-    if calibration is None:
+    if calibration is None or method == "oracle":
         return None
     from eenet.exit_policy import _MODES_FOR
 
-    return calibration if calibration in _MODES_FOR[resolve_method(method)] else None
+    return calibration if calibration in _MODES_FOR[method] else None
 
 
 _WORKER_CACHES: tuple[ExitCache, ExitCache] | None = None
@@ -130,7 +151,9 @@ def run_sweep(val: ExitCache, test: ExitCache, *, budgets: Sequence[float] | Non
         test: held-out samples of the same network.
         budgets: explicit budgets; default :func:`default_budgets` of ``val``.
         n_budgets: how many default budgets.
-        methods: method names (aliases allowed) and ``"oracle"``.
+        methods: method names (aliases allowed), ``"oracle"``, or
+            ``"name:calibration"`` for a method with a given calibration (for
+            example ``"maxprob:search"``); rows are labelled as given.
         calibration: one calibration mode for every method that supports it
             (default: each method's own).
         seeds: seeds to repeat each cell with.
@@ -156,16 +179,14 @@ def run_sweep(val: ExitCache, test: ExitCache, *, budgets: Sequence[float] | Non
                          f"the same network")
     if val.n_exits < 2:
         raise EenetError("a budget sweep needs a network with at least two exits")
-    methods = list(methods or DEFAULT_METHODS)
-    canon = []
-    for m in methods:
-        name = "oracle" if m.strip().lower() == "oracle" else resolve_method(m)
-        if name not in canon:
-            canon.append(name)
+    specs: dict[str, tuple[str, str | None]] = {}
+    for m in methods or DEFAULT_METHODS:
+        name, calib, label = parse_method_spec(m)
+        specs.setdefault(label, (name, calib or _calibration_for(name, calibration)))
     budgets = default_budgets(val, n_budgets) if budgets is None else np.asarray(
         [_check_budget(b, val.costs, unit=val.cost_unit) for b in budgets], dtype=float)
-    tasks = [(m, float(b), int(s), calibration, hparams)
-             for m in canon for b in budgets for s in seeds]
+    tasks = [(m, float(b), int(s), calib, hparams, label)
+             for label, (m, calib) in specs.items() for b in budgets for s in seeds]
     # learned methods are the slow cells: run them first so workers stay busy
     tasks.sort(key=lambda t: t[0] != "eenet")
     jobs = jobs or os.cpu_count() or 1
