@@ -36,7 +36,17 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         from eenet._checks import EenetError
 
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    seen = set()
+                    for w in caught:
+                        text = str(w.message)
+                        if text not in seen:
+                            seen.add(text)
+                            click.echo(f"warning: {text}", err=True)
         except click.ClickException:
             raise
         except (EenetError, ValueError, OSError, KeyError, RuntimeError) as err:

@@ -167,15 +167,17 @@ class ExitPolicy:
     def _calibrate(self, cache: ExitCache, budget: float, probs: np.ndarray | None) -> None:
         self.budget = budget
         self.thresholds = self.patience = self.static_exit = None
-        if budget > cache.costs[-1] * (1 + 1e-9) and self.method != "static":
-            warnings.warn(f"budget {budget:g} {cache.cost_unit} is above the full model's cost "
+        if budget > cache.costs[-1] * (1 + 1e-9) and self.calibration in ("static", "patience"):
+            # the score calibrations (eenet.calibrate.calibrate) warn about this themselves
+            warnings.warn(f"budget {budget:g} {cache.cost_unit} is above the last exit's cost "
                           f"{cache.costs[-1]:g}; every exit is affordable", stacklevel=3)
         if self.calibration == "static":
             self.static_exit = static_exit(cache.costs, budget)
             return
         if self.calibration == "patience":
             self.patience = calibrate_patience(cache.predictions(), cache.costs, budget,
-                                               seed=self.seed, guard=self.guard)
+                                               seed=self.seed, guard=self.guard,
+                                               correct=cache.correct())
             return
         scores = self.scorer.scores(probs)
         fractions = self.scorer.exit_distribution() if self.calibration == "assignment" \
