@@ -261,7 +261,9 @@ def _scan_finite(logits: np.ndarray, name: str) -> None:
 # writing
 # ---------------------------------------------------------------------------
 def _attr_value(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool, np.integer, np.floating)):
+    if isinstance(value, str):
+        return str(value)  # h5py refuses str subclasses such as torch.__version__
+    if isinstance(value, (int, float, bool, np.integer, np.floating)):
         return value
     return json.dumps(value)
 

@@ -1,0 +1,427 @@
+"""Tests of eenet.exits: loading models and data, streaming exits, costs, cache_model."""
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eenet._checks import CacheError, EenetError
+from eenet.cache import read_cache
+from eenet.exits import (CostReport, cache_model, load_dataset, load_model, measure_costs,
+                         resolve_device, run_exits)
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # the factories below live in tests/_toy_models.py
+    sys.path.insert(0, str(HERE))
+
+import _toy_models as toy  # noqa: E402
+
+FAST = {"min_run_time": 0.005, "repeats": 5}
+
+
+def _npz(path: Path, n: int = 40, seed: int = 0, nan_from: int | None = None) -> Path:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, toy.N_FEATURES)).astype(np.float32)
+    x[:, 0] = np.clip(x[:, 0], -4.0, 4.0)
+    if nan_from is not None:
+        x[nan_from:, 0] = 9.0  # NaNAfter poisons samples whose first feature is >= 5
+    y = rng.integers(0, toy.N_CLASSES, n)
+    np.savez(path, x=x, y=y)
+    return path
+
+
+@pytest.fixture
+def data_npz(tmp_path: Path) -> Path:
+    return _npz(tmp_path / "data.npz")
+
+
+@pytest.fixture
+def out_dir(tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    return out
+
+
+def _script(model: torch.nn.Module) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(model.eval())
+
+
+# ---------------------------------------------------------------------------
+class TestLoadModel:
+    def test_factory_is_frozen_and_in_eval_mode(self):
+        model = load_model("_toy_models:staged")
+        assert isinstance(model, toy.StagedMLP)
+        assert not model.training
+        assert not any(p.requires_grad for p in model.parameters())
+
+    @pytest.mark.parametrize("spec, match", [
+        ("no_such_module_xyz:make", "no module named 'no_such_module_xyz'"),
+        ("_toy_models:missing_fn", "has no attribute 'missing_fn'.*staged"),
+        ("_toy_models:not_a_model", "not a torch.nn.Module"),
+        ("_toy_models", "neither a TorchScript file"),
+        ("_toy_models:N_CLASSES", "not a function"),
+    ])
+    def test_bad_specs(self, spec, match):
+        with pytest.raises(EenetError, match=match):
+            load_model(spec)
+
+    @pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
+    def test_weights_are_loaded(self, tmp_path, wrap):
+        torch.manual_seed(5)
+        trained = toy.StagedMLP()
+        state = trained.state_dict()
+        torch.save(state if wrap is None else {wrap: state, "epoch": 3}, tmp_path / "w.pt")
+        model = load_model("_toy_models:staged", weights=tmp_path / "w.pt")
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, state[key])
+
+    def test_data_parallel_prefix_is_stripped(self, tmp_path):
+        state = {f"module.{k}": v for k, v in toy.StagedMLP().state_dict().items()}
+        torch.save(state, tmp_path / "w.pt")
+        load_model("_toy_models:staged", weights=tmp_path / "w.pt")
+
+    def test_missing_checkpoint(self, tmp_path):
+        with pytest.raises(EenetError, match="checkpoint .*nope.pt not found"):
+            load_model("_toy_models:staged", weights=tmp_path / "nope.pt")
+
+    def test_corrupt_checkpoint(self, tmp_path):
+        (tmp_path / "bad.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+        with pytest.raises(EenetError, match="cannot be read.*corrupt"):
+            load_model("_toy_models:staged", weights=tmp_path / "bad.pt")
+
+    def test_mismatching_checkpoint(self, tmp_path):
+        torch.save(toy.HookedMLP().state_dict(), tmp_path / "other.pt")
+        with pytest.raises(EenetError, match="does not match the model: .*missing.*"
+                                             "unexpected.*belongs to --model"):
+            load_model("_toy_models:staged", weights=tmp_path / "other.pt")
+
+    def test_shape_mismatch(self, tmp_path):
+        torch.save(toy.StagedMLP(widths=(8, 64, 256)).state_dict(), tmp_path / "w.pt")
+        with pytest.raises(EenetError, match="shape mismatches .*checkpoint \\[256"):
+            load_model("_toy_models:staged", weights=tmp_path / "w.pt")
+
+    def test_not_a_state_dict(self, tmp_path):
+        torch.save([1, 2, 3], tmp_path / "w.pt")
+        with pytest.raises(EenetError, match="not a state dict"):
+            load_model("_toy_models:staged", weights=tmp_path / "w.pt")
+
+    def test_torchscript_archive(self, tmp_path):
+        scripted = _script(toy.staged())
+        scripted.save(str(tmp_path / "m.pt"))
+        model = load_model(str(tmp_path / "m.pt"))
+        x = torch.randn(3, toy.N_FEATURES)
+        for a, b in zip(model(x), scripted(x)):
+            torch.testing.assert_close(a, b)
+
+    def test_state_dict_given_as_model(self, tmp_path):
+        torch.save(toy.StagedMLP().state_dict(), tmp_path / "w.pt")
+        with pytest.raises(EenetError, match="torch.save checkpoint, not a TorchScript.*"
+                                             "--weights"):
+            load_model(str(tmp_path / "w.pt"))
+
+    def test_missing_torchscript_file(self, tmp_path):
+        with pytest.raises(EenetError, match="model file .*absent.pt not found"):
+            load_model(str(tmp_path / "absent.pt"))
+
+
+class TestResolveDevice:
+    def test_names(self):
+        assert resolve_device("cpu") == torch.device("cpu")
+        expected = "cuda" if torch.cuda.is_available() else "cpu"
+        assert resolve_device("auto").type == expected
+
+    def test_unknown(self):
+        with pytest.raises(EenetError, match="choose one of: auto, cpu, cuda"):
+            resolve_device("tpu")
+
+    @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
+    def test_cuda_missing(self):
+        with pytest.raises(EenetError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+class TestLoadDataset:
+    def test_npz(self, data_npz):
+        ds = load_dataset(str(data_npz))
+        x, y = ds[0]
+        assert len(ds) == 40 and x.shape == (toy.N_FEATURES,) and x.dtype == torch.float32
+        assert y.dtype == torch.int64 and y.ndim == 0
+
+    def test_npz_without_labels(self, tmp_path):
+        np.savez(tmp_path / "d.npz", x=np.zeros((3, 2)))
+        with pytest.raises(EenetError, match="holds arrays \\['x'\\]; expected 'x'.*'y'"):
+            load_dataset(str(tmp_path / "d.npz"))
+
+    def test_factory(self):
+        assert len(load_dataset("_toy_models:toy_data")) == 20
+
+    @pytest.mark.parametrize("spec, match", [
+        ("_toy_models:unlabelled", "yields a tuple of 1 .* expected \\(input, label\\) pairs"),
+        ("_toy_models:float_labels", "label of item 0 is float 0.5; expected an int"),
+        ("nothing-here", "not a built-in name"),
+        ("fashion-mnist:dev", "unknown Fashion-MNIST split 'dev'.*train, val, test"),
+    ])
+    def test_bad(self, spec, match):
+        with pytest.raises(EenetError, match=match):
+            load_dataset(spec)
+
+    def test_fashion_mnist_missing_directory(self, tmp_path):
+        with pytest.raises(EenetError, match="Fashion-MNIST not found in .*apt-get install "
+                                             "dataset-fashion-mnist.*EENET_FASHION_MNIST_DIR"):
+            load_dataset("fashion-mnist:val", data_dir=str(tmp_path))
+
+
+# ---------------------------------------------------------------------------
+class TestRunExits:
+    def test_streams_batches(self):
+        model, ds = toy.staged().eval(), toy.toy_data(20)
+        batches = list(run_exits(model, ds, device="cpu", batch_size=8, verbose=False))
+        assert [b[0].shape for b in batches] == [(8, 3, 3), (8, 3, 3), (4, 3, 3)]
+        assert all(b[0].dtype == np.float32 and b[1].dtype == np.int64 for b in batches)
+        logits = np.concatenate([b[0] for b in batches])
+        with torch.no_grad():
+            expected = torch.stack(model(ds.tensors[0]), dim=1).numpy()  # [n, K, C]
+        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]),
+                                      ds.tensors[1].numpy())
+
+    def test_grad_mode_does_not_leak_between_batches(self):
+        for _ in run_exits(toy.staged(), toy.toy_data(8), device="cpu", batch_size=4,
+                           verbose=False):
+            assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+    def test_limit(self):
+        batches = list(run_exits(toy.staged(), toy.toy_data(20), device="cpu", batch_size=8,
+                                 limit=11, verbose=False))
+        assert [len(b[1]) for b in batches] == [8, 3]
+
+    def test_iterable_dataset_with_limit(self):
+        class Stream(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                return iter(toy.toy_data(20))
+
+        batches = list(run_exits(toy.staged(), Stream(), device="cpu", batch_size=8,
+                                 limit=10, verbose=False))
+        assert [len(b[1]) for b in batches] == [8, 2]
+
+    def test_autocast_returns_float32(self):
+        model, ds = toy.staged(), toy.toy_data(8)
+        (logits, _), = run_exits(model, ds, device="cpu", autocast=True, verbose=False)
+        assert logits.dtype == np.float32
+        with torch.no_grad():
+            expected = torch.stack(model(ds.tensors[0]), dim=1).numpy()  # [n, K, C]
+        np.testing.assert_allclose(logits, expected, rtol=0.05, atol=0.05)
+
+    def test_arguments_checked_before_iteration(self):
+        with pytest.raises(EenetError, match="batch_size must be an integer >= 1"):
+            run_exits(toy.staged(), toy.toy_data(), device="cpu", batch_size=0)
+
+    @pytest.mark.parametrize("model, match", [
+        (toy.SingleTensor(), "returned a single tensor of shape \\[4, 3\\]; expected a list"),
+        (toy.MixedClasses(), "different class counts \\[3, 5\\]"),
+    ])
+    def test_contract(self, model, match):
+        with pytest.raises(EenetError, match=match):
+            next(run_exits(model, toy.toy_data(), device="cpu", batch_size=4, verbose=False))
+
+    def test_forward_failure_is_explained(self):
+        ds = torch.utils.data.TensorDataset(torch.randn(4, 9), torch.zeros(4, dtype=torch.long))
+        with pytest.raises(EenetError, match="forward failed on batch 0.*\\[4, 9\\]"):
+            next(run_exits(toy.staged(), ds, device="cpu", verbose=False))
+
+
+# ---------------------------------------------------------------------------
+def _linear_flops(d_in: int, d_out: int) -> int:
+    return 2 * d_in * d_out  # one multiply and one add per weight; bias adds not counted
+
+
+class TestMeasureCosts:
+    def test_staged_is_cumulative_and_increasing(self):
+        model = toy.StagedMLP(widths=(4, 256, 2048))
+        report = measure_costs(model, torch.randn(4, toy.N_FEATURES), device="cpu",
+                               batch_size=16, min_run_time=0.02)
+        assert report.timing == "truncated"
+        for vec in report.vectors().values():
+            assert vec.shape == (3,) and np.all(np.diff(vec) >= 0)
+        assert report.latency_ms_batch1[-1] > report.latency_ms_batch1[0]
+        assert report.latency_ms_batchB[-1] > report.latency_ms_batchB[0]
+        assert np.all(np.diff(report.flops) > 0)
+
+    def test_flops_exact_for_linear_model(self):
+        widths, c = (8, 64, 512), toy.N_CLASSES
+        model = toy.StagedMLP(widths=widths)
+        report = measure_costs(model, torch.randn(2, toy.N_FEATURES), device="cpu",
+                               batch_size=4, timing=False)
+        expected, total, d_in = [], 0, toy.N_FEATURES
+        for w in widths:
+            total += _linear_flops(d_in, w) + _linear_flops(w, c)
+            expected.append(total)
+            d_in = w
+        np.testing.assert_array_equal(report.flops, expected)
+        assert report.latency_ms_batch1 is None and "flops" in report.vectors()
+
+    def test_hooks_find_exit_modules(self):
+        model = toy.HookedMLP()
+        report = measure_costs(model, torch.randn(3, toy.N_FEATURES), device="cpu",
+                               batch_size=8, **FAST)
+        assert report.timing == "hooks"
+        assert report.exit_modules == ("exit_a", "exit_b", "exit_c")
+        assert np.all(np.diff(report.latency_ms_batch1) >= 0)
+        assert np.all(np.diff(report.latency_ms_batchB) >= 0)
+        assert report.latency_ms_batchB[-1] > report.latency_ms_batchB[0]
+        c = toy.N_CLASSES
+        a = _linear_flops(6, 16) + _linear_flops(16, c)
+        b = a + _linear_flops(16, 256) + _linear_flops(256, 256) + _linear_flops(256, c)
+        d = b + _linear_flops(256, 1024) + _linear_flops(1024, 1024) + _linear_flops(1024, c)
+        np.testing.assert_array_equal(report.flops, [a, b, d])
+
+    def test_named_exit_modules(self):
+        report = measure_costs(toy.HookedMLP(), torch.randn(1, toy.N_FEATURES), device="cpu",
+                               batch_size=2, exit_modules=["exit_a", "exit_b.1", "exit_c"],
+                               **FAST)
+        assert report.exit_modules == ("exit_a", "exit_b.1", "exit_c")
+        with pytest.raises(EenetError, match="not submodules of the model"):
+            measure_costs(toy.HookedMLP(), torch.randn(1, toy.N_FEATURES), device="cpu",
+                          batch_size=2, exit_modules=["exit_a", "nope", "exit_c"], **FAST)
+
+    def test_flops_follow_dependencies_not_execution_order(self):
+        report = measure_costs(toy.ReversedHeads(), torch.randn(1, toy.N_FEATURES),
+                               device="cpu", batch_size=2, timing=False)
+        first = _linear_flops(6, 10) + _linear_flops(10, 3)
+        np.testing.assert_array_equal(report.flops, [
+            first, first + _linear_flops(10, 40) + _linear_flops(40, 3)])
+
+    def test_torchscript_staged_uses_truncated_forwards(self):
+        report = measure_costs(_script(toy.staged()), torch.randn(1, toy.N_FEATURES),
+                               device="cpu", batch_size=2, **FAST)
+        assert report.timing == "truncated" and np.all(np.diff(report.flops) > 0)
+
+    def test_torchscript_without_stages_cannot_be_timed(self):
+        scripted = _script(toy.hooked())
+        with pytest.raises(EenetError, match="--costs flops or give explicit"):
+            measure_costs(scripted, torch.randn(1, toy.N_FEATURES), device="cpu",
+                          batch_size=2, **FAST)
+        flops = measure_costs(scripted, torch.randn(1, toy.N_FEATURES), device="cpu",
+                              batch_size=2, timing=False).flops
+        np.testing.assert_array_equal(
+            flops, measure_costs(toy.hooked(), torch.randn(1, toy.N_FEATURES), device="cpu",
+                                 batch_size=2, timing=False).flops)
+
+    def test_pick(self):
+        report = CostReport(np.array([1.0, 2.0]), np.array([0.5, 1.0]), np.array([10.0, 30.0]))
+        costs, unit, source = report.pick("measured")
+        np.testing.assert_array_equal(costs, [1.0, 2.0])
+        assert (unit, source) == ("ms", "measured")
+        assert report.pick("flops")[1:] == ("flops", "flops")
+        with pytest.raises(EenetError, match="choose one of: flops, measured"):
+            report.pick("median")
+        with pytest.raises(EenetError, match="--costs flops"):
+            CostReport(None, None, np.array([1.0])).pick("measured")
+
+
+# ---------------------------------------------------------------------------
+class TestCacheModel:
+    def test_limit_given_costs_float16(self, data_npz, out_dir):
+        out = cache_model("_toy_models:staged", str(data_npz), out_dir / "val.h5", limit=25,
+                          costs=[1.0, 2.0, 4.5], cost_unit_given="ms", dtype="float16",
+                          batch_size=8, device="cpu", split="val", verbose=False, seed=3,
+                          **FAST)
+        cache = read_cache(out)
+        assert (cache.n_samples, cache.n_exits, cache.n_classes) == (25, 3, 3)
+        assert cache.logits.dtype == np.float16
+        np.testing.assert_array_equal(cache.costs, [1.0, 2.0, 4.5])
+        assert (cache.cost_unit, cache.cost_source) == ("ms", "given")
+        assert set(cache.extra_costs) == {"latency_ms_batch1", "latency_ms_batchB", "flops"}
+        assert (cache.model, cache.dataset, cache.split) == ("_toy_models:staged",
+                                                             str(data_npz), "val")
+        assert cache.attrs["device"] == "cpu" and cache.attrs["seed"] == 3
+        assert cache.attrs["batch_size"] == 8 and cache.attrs["num_threads"] >= 1
+        np.testing.assert_array_equal(cache.sample_ids, np.arange(25))
+        x, y = np.load(data_npz)["x"][:25], np.load(data_npz)["y"][:25]
+        with torch.no_grad():
+            expected = torch.stack(toy.staged()(torch.from_numpy(x)), dim=1).numpy()
+        np.testing.assert_allclose(cache.logits.astype(np.float32), expected, rtol=2e-3,
+                                   atol=2e-3)
+        np.testing.assert_array_equal(cache.labels, y)
+        assert sorted(p.name for p in out_dir.iterdir()) == ["val.h5"]
+
+    @pytest.mark.parametrize("costs, unit, source", [("measured", "ms", "measured"),
+                                                     ("flops", "flops", "flops"),
+                                                     ("0.5,1,2", "ms", "given")])
+    def test_cost_choices(self, data_npz, out_dir, costs, unit, source):
+        cache = read_cache(cache_model("_toy_models:hooked", str(data_npz),
+                                       out_dir / "c.h5", costs=costs, device="cpu",
+                                       batch_size=16, verbose=False, **FAST))
+        assert (cache.cost_unit, cache.cost_source) == (unit, source)
+        assert np.all(np.diff(cache.costs) >= 0) and cache.costs[-1] > 0
+        if costs == "flops":
+            np.testing.assert_array_equal(cache.costs, cache.extra_costs["flops"])
+        assert cache.attrs["exit_modules"] == '["exit_a", "exit_b", "exit_c"]'
+
+    def test_torchscript_without_stages_falls_back_for_flops(self, data_npz, out_dir, caplog,
+                                                             tmp_path):
+        _script(toy.hooked()).save(str(tmp_path / "m.ts"))
+        with caplog.at_level(logging.INFO, logger="eenet.exits"):
+            cache = read_cache(cache_model(str(tmp_path / "m.ts"), str(data_npz),
+                                           out_dir / "c.h5", costs="flops", device="cpu",
+                                           verbose=False, **FAST))
+        assert cache.cost_source == "flops" and set(cache.extra_costs) == {"flops"}
+        assert "latency not measured" in caplog.text
+
+    def _fails(self, out_dir: Path, match: str, model: str, data: str, **kwargs) -> None:
+        with pytest.raises(EenetError, match=match):
+            cache_model(model, data, out_dir / "x.h5", device="cpu", batch_size=8,
+                        verbose=False, **FAST, **kwargs)
+        assert list(out_dir.iterdir()) == []  # no cache, no temporary file
+
+    @pytest.mark.parametrize("model, match", [
+        ("no_such_module_xyz:net", "no module named"),
+        ("_toy_models:single_tensor", "single tensor of shape \\[1, 3\\]"),
+        ("_toy_models:mixed_classes", "different class counts"),
+    ])
+    def test_bad_models(self, data_npz, out_dir, model, match):
+        self._fails(out_dir, match, model, str(data_npz))
+
+    def test_bad_checkpoints(self, data_npz, out_dir, tmp_path):
+        self._fails(out_dir, "not found", "_toy_models:staged", str(data_npz),
+                    weights=tmp_path / "missing.pt")
+        (tmp_path / "junk.pt").write_bytes(np.random.default_rng(1).bytes(1000))
+        self._fails(out_dir, "cannot be read", "_toy_models:staged", str(data_npz),
+                    weights=tmp_path / "junk.pt")
+
+    def test_dataset_without_labels(self, out_dir):
+        self._fails(out_dir, "expected \\(input, label\\) pairs", "_toy_models:staged",
+                    "_toy_models:unlabelled")
+
+    def test_wrong_number_of_costs(self, data_npz, out_dir):
+        self._fails(out_dir, "costs has 2 values but the model has 3 exits",
+                    "_toy_models:staged", str(data_npz), costs=[1.0, 2.0])
+
+    def test_decreasing_costs(self, data_npz, out_dir):
+        self._fails(out_dir, "cumulative", "_toy_models:staged", str(data_npz),
+                    costs="3,2,1")
+
+    def test_nan_logits_name_the_sample(self, tmp_path, out_dir):
+        data = _npz(tmp_path / "nan.npz", n=30, nan_from=13)
+        self._fails(out_dir, "logits of sample 13 exit 1 are not finite",
+                    "_toy_models:nan_model", str(data), costs=[1.0, 2.0])
+
+    def test_untimeable_model_with_measured_costs(self, data_npz, out_dir):
+        self._fails(out_dir, "cannot tell which module produces exit 1",
+                    "_toy_models:nan_model", str(data_npz))
+
+    def test_missing_output_directory(self, data_npz, tmp_path):
+        with pytest.raises(CacheError, match="does not exist; create it first"):
+            cache_model("_toy_models:staged", str(data_npz), tmp_path / "no" / "x.h5",
+                        verbose=False)
+
+    def test_bad_dtype(self, data_npz, out_dir):
+        self._fails(out_dir, "unknown dtype 'float64'", "_toy_models:staged", str(data_npz),
+                    dtype="float64")
