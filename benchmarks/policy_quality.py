@@ -35,14 +35,17 @@ SEARCHED = ["maxprob:search", "entropy:search", "patience:search"]
 METHODS = ["eenet", "eenet:assignment", "eenet:geometric", *PUBLISHED, *SEARCHED, "oracle"]
 
 
-def ensure_cache(name: str, split: str, cache_dir: Path, data_dir: Path | None):
+def ensure_cache(name: str, split: str, cache_dir: Path, data_dir: Path | None, like=None):
+    """Cache one split; with ``like``, reuse that cache's measured per-exit latencies
+    (the network's costs do not depend on the split; re-timing only adds noise)."""
     from eenet.exits import cache_model
 
     path = cache_dir / f"{name}_{split}.h5"
     if not path.exists():
         print(f"caching {name} {split} -> {path}", flush=True)
+        costs = "measured" if like is None else [float(c) for c in like.costs]
         cache_model(MODELS[name], f"fashion-mnist:{split}", path, data_dir=data_dir,
-                    costs="measured", verbose=False, device="cpu")
+                    costs=costs, verbose=False, device="cpu", min_run_time=1.0)
     return read_cache(path)
 
 
@@ -113,7 +116,7 @@ def main() -> None:
     tables, sections = [], []
     for name in args.models.split(","):
         val = ensure_cache(name, "val", args.cache_dir, args.data_dir)
-        test = ensure_cache(name, "test", args.cache_dir, args.data_dir)
+        test = ensure_cache(name, "test", args.cache_dir, args.data_dir, like=val)
         start = time.perf_counter()
         t = run_sweep(val, test, n_budgets=args.n_budgets, methods=METHODS,
                       seeds=list(range(args.seed, args.seed + args.seeds)), jobs=args.jobs,

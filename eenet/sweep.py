@@ -192,7 +192,10 @@ def run_sweep(val: ExitCache, test: ExitCache, *, budgets: Sequence[float] | Non
     jobs = jobs or os.cpu_count() or 1
     n_heavy = sum(t[0] == "eenet" for t in tasks)
     if jobs > 1 and n_heavy > 1:
-        ctx = multiprocessing.get_context("spawn")  # fork after torch's threads can hang
+        # fork shares the caches without pickling and, unlike spawn, does not re-run the
+        # caller's script; workers use one torch thread, which keeps fork safe with OpenMP
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        ctx = multiprocessing.get_context(method)
         with ProcessPoolExecutor(max_workers=min(jobs, n_heavy), mp_context=ctx,
                                  initializer=_init_worker, initargs=(val, test)) as pool:
             rows = list(tqdm(pool.map(_worker, tasks), total=len(tasks), desc="sweep",
@@ -318,8 +321,15 @@ QUICKSTART_MODEL = "eenet.examples.models:fashion_mnist_cnn4"
 
 
 def _cached_split(split: str, cache_dir: Path, *, data_dir: Path | None, force: bool,
-                  device: str, seed: int, verbose: bool, echo: Callable[[str], Any]
-                  ) -> ExitCache:
+                  device: str, seed: int, verbose: bool, echo: Callable[[str], Any],
+                  like: ExitCache | None = None) -> ExitCache:
+    """Read or build the bundled model's cache of ``split``.
+
+    With ``like``, the split reuses that cache's measured cost vectors:
+    per-exit latency is a property of the network and the machine, not of
+    the split, and timing it twice on a busy machine gives two different
+    answers for the same network.
+    """
     from eenet._checks import CacheError
     from eenet.cache import read_cache
     from eenet.exits import cache_model
@@ -328,13 +338,20 @@ def _cached_split(split: str, cache_dir: Path, *, data_dir: Path | None, force: 
     if path.exists() and not force:
         try:
             cache = read_cache(path)
-            echo(f"using {path} ({cache.n_samples} samples)")
-            return cache
+            if like is None or np.allclose(cache.costs, like.costs):
+                echo(f"using {path} ({cache.n_samples} samples)")
+                return cache
+            echo(f"rebuilding {path}: its costs differ from the validation cache's")
         except CacheError as err:
             echo(f"rebuilding {path}: {err}")
     echo(f"caching the {split} split of the bundled model to {path} ...")
-    cache_model(QUICKSTART_MODEL, f"fashion-mnist:{split}", path, data_dir=data_dir,
-                device=device, costs="measured", verbose=verbose, seed=seed)
+    if like is None:
+        cache_model(QUICKSTART_MODEL, f"fashion-mnist:{split}", path, data_dir=data_dir,
+                    device=device, costs="measured", verbose=verbose, seed=seed)
+    else:
+        cache_model(QUICKSTART_MODEL, f"fashion-mnist:{split}", path, data_dir=data_dir,
+                    device=device, costs=[float(c) for c in like.costs],
+                    cost_unit_given=like.cost_unit, verbose=verbose, seed=seed)
     return read_cache(path)
 
 
@@ -354,7 +371,7 @@ def run_quickstart(*, cache_dir: Path = Path("cache"), results_dir: Path = Path(
     kw = dict(data_dir=data_dir, force=force, device=device, seed=seed, verbose=verbose,
               echo=echo)
     val = _cached_split("val", cache_dir, **kw)
-    test = _cached_split("test", cache_dir, **kw)
+    test = _cached_split("test", cache_dir, like=val, **kw)
     echo(f"sweeping {n_budgets} budgets x {len(methods or DEFAULT_METHODS)} methods "
          f"(fit on val, evaluate on test) ...")
     table = run_sweep(val, test, n_budgets=n_budgets, methods=methods, seeds=[seed],
