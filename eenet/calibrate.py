@@ -895,9 +895,45 @@ class Thresholds:
                    diagnostics=dict(data.get("diagnostics") or {}))
 
 
+def _search_beats_geometric(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray,
+                            budget: float, *, seed: int, repeats: int
+                            ) -> tuple[bool, dict[str, Any]]:
+    """Does the searched rule beat MSDNet's geometric rule on samples it did not see?
+
+    Searched thresholds are picked to maximise accuracy on the very samples
+    they are scored on, so their validation accuracy is optimistic; where
+    the budget leaves little to gain (near the full model's cost, say) the
+    optimism can exceed the gain and the search loses to the plain rule on
+    new data. Two-fold cross-validation, ``repeats`` times with fresh random
+    halves: both rules are fitted on one half at ``budget`` and scored on the
+    other. The search is kept only if it gets strictly more held-out samples
+    right in total.
+    """
+    n = scores.shape[0]
+    rng = np.random.default_rng([seed, 7919])
+    rows = np.arange(n)
+    won = {"search": 0, "geometric": 0}
+    for _ in range(repeats):
+        perm = rng.permutation(n)
+        halves = (perm[: n // 2], perm[n // 2:])
+        for fit_idx, held in (halves, halves[::-1]):
+            s_fit, c_fit = scores[fit_idx], correct[fit_idx]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t_search = search_thresholds(s_fit, c_fit, costs, budget, seed=seed)
+                t_geo = _quota_fit(s_fit, costs, budget,
+                                   lambda b: geometric_fractions(costs, b))[0]
+            for name, t in (("search", t_search), ("geometric", t_geo)):
+                won[name] += int(correct[held][rows[: held.size],
+                                              apply_thresholds(scores[held], t)].sum())
+    keep = won["search"] > won["geometric"]
+    return keep, {"held_out_correct": won, "kept": "search" if keep else "geometric"}
+
+
 def calibrate(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, budget: float, *,
               mode: CalibrationMode, fractions: np.ndarray | None = None, guard: bool = True,
-              seed: int = 0, n_boot: int = 20, level: float = 0.9) -> Thresholds:
+              seed: int = 0, n_boot: int = 20, level: float = 0.9,
+              cv_repeats: int = 2) -> Thresholds:
     """Per-exit thresholds on validation scores that meet an average-cost budget.
 
     Modes (see the module docstring):
@@ -908,7 +944,8 @@ def calibrate(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, budget
       target, the empty exits get a tiny floor of mass (1e-9) and a warning.
     - ``"geometric"``: :func:`geometric_fractions` at the target, then quota
       thresholds.
-    - ``"search"``: :func:`search_thresholds` at the target.
+    - ``"search"``: :func:`search_thresholds` at the target, kept where
+      cross-validation confirms it beats the geometric rule out of sample.
 
     Quota thresholds are repaired so the realized validation cost never
     exceeds the target even when tied scores keep samples from leaving.
@@ -931,6 +968,10 @@ def calibrate(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, budget
         seed: seed of the guard's resampling and of the search.
         n_boot: guard resamples.
         level: guard confidence (see :func:`guard_target`).
+        cv_repeats: ``"search"`` only: repeats of the two-fold check that the
+            searched thresholds beat the geometric rule on held-out samples;
+            where they do not, the geometric rule's thresholds are used
+            (:func:`_search_beats_geometric`). 0 turns the check off.
 
     Returns:
         :class:`Thresholds`.
@@ -1006,9 +1047,16 @@ def calibrate(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, budget
             target = float(info.pop("target"))
             diagnostics["guard"] = info
         if mode == "search":
-            values = search_thresholds(scores, correct, costs, min(target, float(costs[-1])),
-                                       seed=seed)
+            b = min(target, float(costs[-1]))
+            values = search_thresholds(scores, correct, costs, b, seed=seed)
             dist, dist_budget = None, None
+            if cv_repeats > 0:
+                keep, info = _search_beats_geometric(scores, correct, costs, b, seed=seed,
+                                                     repeats=cv_repeats)
+                diagnostics["search_cv"] = info
+                if not keep:
+                    values = _quota_fit(scores, costs, b,
+                                        lambda x: geometric_fractions(costs, x))[0]
         else:
             assert dist_fn is not None
             values, dist, dist_budget = _quota_fit(scores, costs, target, dist_fn)
