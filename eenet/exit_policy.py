@@ -139,11 +139,16 @@ class ExitPolicy:
                           "dataset": cache.dataset,
                           "costs": [float(c) for c in cache.costs]}
         probs = cache.probs() if self.scorer is not None else None
+        fit_scores = None
         if self.scorer is not None:
             self.scorer.fit(probs, cache.labels, cache.costs, budget, seed=self.seed,
                             verbose=verbose)
             self._scorer_fitted = True
-        self._calibrate(cache, budget, probs)
+            # a scorer trained on this very cache scores it too kindly; where it can, it
+            # gives out-of-sample scores for calibration instead
+            out_of_sample = getattr(self.scorer, "calibration_scores", None)
+            fit_scores = out_of_sample() if callable(out_of_sample) else None
+        self._calibrate(cache, budget, probs, scores=fit_scores)
         return self
 
     def calibrate(self, cache: ExitCache, budget: float | None = None, *,
@@ -164,7 +169,8 @@ class ExitPolicy:
         self._calibrate(cache, budget, cache.probs() if self.scorer is not None else None)
         return self
 
-    def _calibrate(self, cache: ExitCache, budget: float, probs: np.ndarray | None) -> None:
+    def _calibrate(self, cache: ExitCache, budget: float, probs: np.ndarray | None,
+                   scores: np.ndarray | None = None) -> None:
         self.budget = budget
         self.thresholds = self.patience = self.static_exit = None
         if budget > cache.costs[-1] * (1 + 1e-9) and self.calibration in ("static", "patience"):
@@ -179,7 +185,8 @@ class ExitPolicy:
                                                seed=self.seed, guard=self.guard,
                                                correct=cache.correct())
             return
-        scores = self.scorer.scores(probs)
+        if scores is None:
+            scores = self.scorer.scores(probs)
         fractions = self.scorer.exit_distribution() if self.calibration == "assignment" \
             else None
         self.thresholds = calibrate_scores(scores, cache.correct(), cache.costs, budget,
