@@ -440,3 +440,39 @@ class TestCalibrate:
         assert exits.shape == (n,) and exits.min() >= 0 and exits.max() < k
         assert np.bincount(exits, minlength=k).sum() == n
         assert th.val_cost <= budget * (1 + 1e-9)
+
+
+class TestSearchCrossCheck:
+    """`search` keeps its thresholds only where held-out halves confirm they win."""
+
+    def _geometric(self, scores, costs, budget):
+        th = calibrate(scores, np.zeros_like(scores, dtype=bool), costs, budget,
+                       mode="geometric", guard=False)
+        return th.values
+
+    def test_informative_scores_keep_the_search(self):
+        scores, correct, _ = synthetic(4000, seed=3)
+        th = calibrate(scores, correct, COSTS4, 2.5, mode="search", guard=False)
+        cv = th.diagnostics["search_cv"]
+        assert cv["kept"] == "search"
+        assert cv["held_out_correct"]["search"] > cv["held_out_correct"]["geometric"]
+        np.testing.assert_array_equal(
+            th.values, search_thresholds(scores, correct, COSTS4, 2.5, seed=0))
+
+    def test_fallback_returns_the_geometric_thresholds(self):
+        # scores that carry no information about correctness: searched thresholds can
+        # only fit noise, and whichever rule the check keeps is returned exactly
+        rng = np.random.default_rng(5)
+        scores = rng.random((3000, 4))
+        correct = rng.random((3000, 4)) < np.array([0.5, 0.6, 0.7, 0.8])
+        th = calibrate(scores, correct, COSTS4, 2.5, mode="search", guard=False)
+        cv = th.diagnostics["search_cv"]
+        expected = (search_thresholds(scores, correct, COSTS4, 2.5, seed=0)
+                    if cv["kept"] == "search" else self._geometric(scores, COSTS4, 2.5))
+        np.testing.assert_array_equal(th.values, expected)
+        assert th.val_cost <= 2.5 + 1e-9
+
+    def test_off_switch(self):
+        scores, correct, _ = synthetic(500, seed=4)
+        th = calibrate(scores, correct, COSTS4, 2.5, mode="search", guard=False, cv_repeats=0)
+        assert "search_cv" not in th.diagnostics
