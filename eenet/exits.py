@@ -1084,7 +1084,8 @@ def cache_model(model_spec: str, data_spec: str, out: str | os.PathLike, *,
                 costs: str | Sequence[float] = "measured", cost_unit_given: str = "ms",
                 dtype: Literal["float32", "float16"] = "float32",
                 exit_modules: Sequence[str] | None = None, verbose: bool = True,
-                seed: int = 0, min_run_time: float = 0.2, repeats: int = 20) -> Path:
+                seed: int = 0, min_run_time: float = 0.2, repeats: int = 20,
+                autocast: bool = False) -> Path:
     """Run a frozen multi-exit model on a dataset split and write its exit cache.
 
     What ``eenet cache`` calls. Everything cheap is checked first (arguments,
@@ -1113,6 +1114,8 @@ def cache_model(model_spec: str, data_spec: str, out: str | os.PathLike, *,
         verbose: progress bar on stderr.
         seed: torch seed for the run (restored afterwards), recorded.
         min_run_time, repeats: timing effort, see :func:`measure_costs`.
+        autocast: run the forward under ``torch.autocast`` (see
+            :func:`run_exits`); recorded as the root attribute ``autocast``.
 
     Returns:
         The path of the written cache.
@@ -1166,9 +1169,11 @@ def cache_model(model_spec: str, data_spec: str, out: str | os.PathLike, *,
         attrs = {"device": str(dev), "seed": seed, "batch_size": batch_size,
                  "num_threads": report.num_threads, "torch_version": str(torch.__version__),
                  "weights": "" if weights is None else str(weights),
-                 "timing": report.timing, "exit_modules": json.dumps(list(report.exit_modules))}
+                 "timing": report.timing, "exit_modules": json.dumps(list(report.exit_modules)),
+                 "autocast": bool(autocast)}
         stream = run_exits(model, dataset, device=dev, batch_size=batch_size,
-                           num_workers=num_workers, limit=limit, verbose=verbose)
+                           num_workers=num_workers, limit=limit, verbose=verbose,
+                           autocast=autocast)
         with contextlib.closing(stream), \
                 CacheWriter(out, n_exits=n_exits, n_classes=n_classes, dtype=dtype,
                             model=str(model_spec), dataset=str(data_spec), split=split,
