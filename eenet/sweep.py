@@ -187,16 +187,16 @@ def run_sweep(val: ExitCache, test: ExitCache, *, budgets: Sequence[float] | Non
         [_check_budget(b, val.costs, unit=val.cost_unit) for b in budgets], dtype=float)
     tasks = [(m, float(b), int(s), calib, hparams, label)
              for label, (m, calib) in specs.items() for b in budgets for s in seeds]
-    # learned methods are the slow cells: run them first so workers stay busy
-    tasks.sort(key=lambda t: t[0] != "eenet")
-    jobs = jobs or os.cpu_count() or 1
-    n_heavy = sum(t[0] == "eenet" for t in tasks)
-    if jobs > 1 and n_heavy > 1:
+    # learned scores and searched thresholds are the slow cells: start them first so the
+    # workers finish together
+    tasks.sort(key=lambda t: (t[0] != "eenet", t[3] != "search"))
+    jobs = min(jobs or os.cpu_count() or 1, len(tasks))
+    if jobs > 1 and len(tasks) >= 2 * jobs:
         # fork shares the caches without pickling and, unlike spawn, does not re-run the
         # caller's script; workers use one torch thread, which keeps fork safe with OpenMP
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         ctx = multiprocessing.get_context(method)
-        with ProcessPoolExecutor(max_workers=min(jobs, n_heavy), mp_context=ctx,
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
                                  initializer=_init_worker, initargs=(val, test)) as pool:
             rows = list(tqdm(pool.map(_worker, tasks), total=len(tasks), desc="sweep",
                              disable=not verbose, file=None))
