@@ -33,11 +33,16 @@ __all__ = [
     "vote_ratio",
     "confidence_features",
     "top_probs",
+    "margin",
+    "agreement_features",
     "N_CONFIDENCE_FEATURES",
+    "N_AGREEMENT_FEATURES",
 ]
 
 #: Number of confidence summaries returned per exit by :func:`confidence_features`.
 N_CONFIDENCE_FEATURES = 3
+#: Number of summaries returned per exit by :func:`agreement_features`.
+N_AGREEMENT_FEATURES = 4
 
 
 # ---------------------------------------------------------------------------
@@ -286,3 +291,86 @@ def top_probs(probs: ArrayT, m: int) -> ArrayT:
         return np.clip(top, 0.0, 1.0)
 
     return _blockwise(probs, block_top, width=m)
+
+
+def margin(probs: ArrayT) -> ArrayT:
+    """Gap between the largest and the second largest class probability of every exit.
+
+    With a single class the margin is 1.
+
+    Args:
+        probs: [n_samples, n_exits, n_classes] class probabilities.
+
+    Returns:
+        [n_samples, n_exits] values in [0, 1].
+
+    Example:
+        >>> import numpy as np
+        >>> margin(np.array([[[0.1, 0.6, 0.3]]])).round(3)
+        array([[0.3]])
+    """
+    probs = _check_probs(probs)
+    if probs.shape[2] == 1:
+        if isinstance(probs, torch.Tensor):
+            return torch.ones(probs.shape[:2], dtype=_torch_float(probs).dtype,
+                              device=probs.device)
+        return np.ones(probs.shape[:2])
+    if isinstance(probs, torch.Tensor):
+        top = _torch_float(probs).topk(2, dim=2).values
+        return (top[..., 0] - top[..., 1]).clamp(0.0, 1.0)
+
+    def block_margin(b: np.ndarray) -> np.ndarray:
+        top = np.partition(b, b.shape[2] - 2, axis=2)[:, :, -2:]
+        return np.clip(top[..., 1] - top[..., 0], 0.0, 1.0)
+
+    return _blockwise(probs, block_margin)
+
+
+def _agreement_np(b: np.ndarray) -> np.ndarray:
+    n, k, _ = b.shape
+    pred = b.argmax(axis=2)  # [n, K]
+    # at_pred[n, j, k] = p_j[argmax p_k]: what exit j gives exit k's prediction   [n, K, K]
+    at_pred = np.take_along_axis(b, np.broadcast_to(pred[:, None, :], (n, k, k)), axis=2)
+    own = np.diagonal(at_pred, axis1=1, axis2=2)  # [n, K] max prob
+    out = np.empty((n, k, N_AGREEMENT_FEATURES), dtype=np.float64)
+    top2 = np.sort(np.partition(b, max(b.shape[2] - 2, 0), axis=2)[:, :, -2:], axis=2)
+    out[..., 0] = top2[..., -1] - top2[..., 0] if b.shape[2] > 1 else 1.0
+    prev = np.concatenate([own[:, :1], np.diagonal(at_pred, offset=1, axis1=1, axis2=2)],
+                          axis=1)  # p_{k-1}[pred_k]
+    out[..., 1] = prev
+    lower = np.triu(np.ones((k, k)), 1)  # lower[j, k] = 1 for j < k
+    n_before = np.maximum(lower.sum(axis=0), 1.0)
+    mean_before = (at_pred * lower[None]).sum(axis=1) / n_before
+    mean_before[:, 0] = own[:, 0]
+    out[..., 2] = mean_before
+    agree = np.concatenate([np.ones((n, 1)), pred[:, 1:] == pred[:, :-1]], axis=1)
+    out[..., 3] = agree
+    return np.clip(out, 0.0, 1.0)
+
+
+def agreement_features(probs: ArrayT) -> ArrayT:
+    """How exit k's prediction fares at the earlier exits, and its margin.
+
+    For every exit k (from 0), with ``y_k = argmax p_k``:
+    ``[margin_k, p_{k-1}[y_k], mean_{j<k} p_j[y_k], 1[y_{k-1} = y_k]]``. At
+    exit 0, which has no earlier exit, the second and third are its own max
+    probability and the fourth is 1.
+
+    Args:
+        probs: [n_samples, n_exits, n_classes] class probabilities.
+
+    Returns:
+        [n_samples, n_exits, N_AGREEMENT_FEATURES], each in [0, 1].
+
+    Example:
+        >>> import numpy as np
+        >>> p = np.array([[[0.7, 0.3], [0.4, 0.6]]])
+        >>> agreement_features(p).round(3)
+        array([[[0.4, 0.7, 0.7, 1. ],
+                [0.2, 0.3, 0.3, 0. ]]])
+    """
+    probs = _check_probs(probs)
+    if isinstance(probs, torch.Tensor):
+        out = _agreement_np(_torch_float(probs).detach().cpu().numpy().astype(np.float64))
+        return torch.from_numpy(out).to(device=probs.device, dtype=_torch_float(probs).dtype)
+    return _blockwise(probs, _agreement_np, width=N_AGREEMENT_FEATURES)

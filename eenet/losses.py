@@ -19,6 +19,8 @@ from torch import Tensor
 from eenet._checks import EenetError
 
 __all__ = [
+    "SCORE_TARGETS",
+    "score_targets",
     "assignment_targets",
     "assignment_loss",
     "budget_loss",
@@ -28,6 +30,9 @@ __all__ = [
 ]
 
 _DENOMINATOR_FLOOR = 1e-12
+
+#: Scoring targets :func:`score_targets` knows.
+SCORE_TARGETS: tuple[str, ...] = ("correct", "no_regret", "no_regret_last")
 
 
 def _check_2d(name: str, x: Tensor, like: Tensor | None = None) -> None:
@@ -39,6 +44,56 @@ def _check_2d(name: str, x: Tensor, like: Tensor | None = None) -> None:
     if like is not None and x.shape != like.shape:
         raise EenetError(f"{name} has shape {tuple(x.shape)} but must match "
                          f"{tuple(like.shape)}")
+
+
+def score_targets(correct: Tensor, kind: str = "correct", *,
+                  dtype: torch.dtype | None = None) -> Tensor:
+    """Targets ``q*`` of the scoring heads.
+
+    - ``"correct"`` (the paper): ``q*_n,k = 1[exit k is right]``.
+    - ``"no_regret"``: ``q*_n,k = 0`` only when exit k is wrong and some later
+      exit is right; leaving at k then loses nothing that going on could win.
+      A sample every exit gets wrong counts as ready everywhere (no exit can
+      save it, so it should leave at the cheapest), and one that exit k gets
+      right is ready at k whatever later exits do.
+    - ``"no_regret_last"``: ``q*_n,k = 0`` only when exit k is wrong and the
+      last exit is right.
+
+    The last exit's target is its correctness under every kind (the policy
+    never thresholds it; the score is kept for completeness).
+
+    Args:
+        correct: [n_samples, n_exits] bool (or 0/1) correctness.
+        kind: one of :data:`SCORE_TARGETS`.
+        dtype: float dtype of the result (default float32).
+
+    Returns:
+        [n_samples, n_exits] targets in {0, 1}.
+
+    Example:
+        >>> import torch
+        >>> ok = torch.tensor([[False, True, False], [False, False, False]])
+        >>> score_targets(ok, "no_regret")
+        tensor([[0., 1., 0.],
+                [1., 1., 0.]])
+    """
+    _check_2d("correct", correct)
+    if kind not in SCORE_TARGETS:
+        raise EenetError(f"unknown score target {kind!r}; choose one of: "
+                         f"{', '.join(SCORE_TARGETS)}")
+    dtype = torch.float32 if dtype is None else dtype
+    ok = correct != 0
+    if kind == "correct" or ok.shape[1] < 2:
+        return ok.to(dtype)
+    if kind == "no_regret":
+        # later_right[n, k] = some exit after k is right
+        flipped = ok.flip(1).to(torch.int64).cumsum(dim=1).flip(1)  # right at k or later
+        later_right = torch.cat([flipped[:, 1:] > 0, torch.zeros_like(ok[:, :1])], dim=1)
+    else:
+        later_right = ok[:, -1:].expand_as(ok)
+    target = ok | ~later_right
+    target[:, -1] = ok[:, -1]
+    return target.to(dtype)
 
 
 def assignment_targets(correct: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:

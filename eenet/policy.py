@@ -54,8 +54,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from eenet._checks import EenetError, _check_budget, _check_choice, _check_costs
-from eenet.features import N_CONFIDENCE_FEATURES, _check_probs, confidence_features, top_probs
-from eenet.losses import assignment_loss, assignment_targets, budget_loss, scoring_loss
+from eenet.features import N_AGREEMENT_FEATURES, N_CONFIDENCE_FEATURES, _check_probs, \
+    agreement_features, confidence_features, top_probs
+from eenet.losses import SCORE_TARGETS, assignment_loss, assignment_targets, budget_loss, \
+    score_targets, scoring_loss
 
 __all__ = ["EENetScorer", "fit_eenet", "FULL_PROBS_MAX_CLASSES"]
 
@@ -65,7 +67,9 @@ ProbFeatures = Literal["auto", "full", "top"]
 
 #: Up to this many classes ``prob_features="auto"`` feeds the full probability vector.
 FULL_PROBS_MAX_CLASSES = 128
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+#: Hyperparameters added in state version 2, with the values version-1 states were fitted with.
+_V1_HPARAMS = {"target": "correct", "features": "paper"}
 _PREDICT_ROWS = 16384  # samples per block at inference
 
 
@@ -207,9 +211,9 @@ def _stratified_holdout(labels: np.ndarray, fraction: float,
     return np.flatnonzero(mask), held
 
 
-def _targets(correct: Tensor) -> Tensor:
+def _targets(correct: Tensor, target: str = "correct") -> Tensor:
     """Training targets [n_samples, 2, n_exits]: ``q*`` (index 0) and ``r*`` (index 1)."""
-    q_star = correct.to(torch.float32)
+    q_star = score_targets(correct, target, dtype=torch.float32)
     return torch.stack([q_star, assignment_targets(correct, dtype=torch.float32)], dim=1)
 
 
@@ -290,6 +294,17 @@ class EENetScorer:
         top_m: number of probabilities kept by ``"top"``.
         detach_weights: detach the scoring-loss weights from the assignment
             (see :func:`eenet.losses.scoring_loss`).
+        target: the scoring heads' target (:func:`eenet.losses.score_targets`):
+            ``"correct"`` (the paper: exit k is right), ``"no_regret"`` (the
+            default: leaving at k loses nothing, i.e. k is right or no later
+            exit is) or ``"no_regret_last"`` (k is right or the last exit is
+            wrong). A sample no exit gets right should leave at the cheapest;
+            the paper's target scores it as unready everywhere, so thresholds
+            keep it running to the end for nothing.
+        features: ``"paper"`` (probabilities and the three confidence
+            summaries) or ``"agreement"`` (the default: also the margin and how
+            the earlier exits rate exit k's prediction,
+            :func:`eenet.features.agreement_features`).
         device: torch device for training and inference.
         num_threads: torch CPU threads while fitting and scoring (restored
             afterwards); ``None`` keeps the current setting. The default 1 is
@@ -324,7 +339,9 @@ class EENetScorer:
                  holdout: float = 0.2, patience: int = 10, tol: float = 1e-3,
                  alternate: bool = False,
                  prob_features: ProbFeatures = "auto", top_m: int = 16,
-                 detach_weights: bool = True, device: str = "cpu",
+                 detach_weights: bool = True, target: str = "no_regret",
+                 features: str = "agreement",
+                 device: str = "cpu",
                  num_threads: int | None = 1) -> None:
         self.hidden = _positive_int("hidden", hidden)
         self.depth = _positive_int("depth", depth, minimum=0)
@@ -345,6 +362,8 @@ class EENetScorer:
                                            ("auto", "full", "top"))
         self.top_m = _positive_int("top_m", top_m)
         self.detach_weights = bool(detach_weights)
+        self.target = _check_choice("target", target, SCORE_TARGETS)
+        self.features = _check_choice("features", features, ("paper", "agreement"))
         try:
             self.device = str(torch.device(device))
         except (RuntimeError, TypeError):
@@ -370,7 +389,7 @@ class EENetScorer:
                 "holdout": self.holdout, "patience": self.patience, "tol": self.tol,
                 "alternate": self.alternate, "prob_features": self.prob_features,
                 "top_m": self.top_m, "detach_weights": self.detach_weights,
-                "device": self.device, "num_threads": self.num_threads}
+                "target": self.target, "features": self.features, "device": self.device, "num_threads": self.num_threads}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
@@ -388,14 +407,17 @@ class EENetScorer:
             p = top_probs(probs, self.top_m)  # [N, K, top_m]
         else:
             p = probs.astype(np.float32, copy=False)  # [N, K, C]
-        feats = np.concatenate([p.astype(np.float32, copy=False), conf.astype(np.float32)],
-                               axis=2)
+        parts = [p.astype(np.float32, copy=False), conf.astype(np.float32)]
+        if self.features == "agreement":
+            parts.append(agreement_features(probs).astype(np.float32))
+        feats = np.concatenate(parts, axis=2)
         return torch.from_numpy(feats).to(self.device)
 
     def _in_dim(self) -> int:
         assert self._n_classes is not None
         width = self.top_m if self._use_top else self._n_classes
-        return width + N_CONFIDENCE_FEATURES
+        extra = N_AGREEMENT_FEATURES if self.features == "agreement" else 0
+        return width + N_CONFIDENCE_FEATURES + extra
 
     def _check_fitted(self, method: str) -> _EENetHeads:
         if self._net is None:
@@ -507,7 +529,7 @@ class EENetScorer:
     def _train(self, net: _EENetHeads, static: Tensor, correct: Tensor, costs: Tensor,
                budget: float, train_idx: Tensor, hold_idx: Tensor, seed: int,
                verbose: bool) -> dict[str, Any]:
-        targets = _targets(correct)  # [N, 2, K]
+        targets = _targets(correct, self.target)  # [N, 2, K]
         x_train, t_train = static[train_idx], targets[train_idx]
         has_holdout = hold_idx.numel() > 0
         x_hold, t_hold = (static[hold_idx], targets[hold_idx]) if has_holdout else (
@@ -693,7 +715,11 @@ class EENetScorer:
                    if key not in state]
         if missing:
             raise EenetError(f"EENetScorer state lacks {', '.join(missing)}")
-        scorer = cls(**state["hparams"])
+        hparams = dict(state["hparams"])
+        if version < 2:
+            for key, value in _V1_HPARAMS.items():
+                hparams.setdefault(key, value)
+        scorer = cls(**hparams)
         scorer._n_exits, scorer._n_classes = int(state["n_exits"]), int(state["n_classes"])
         scorer._use_top = state["prob_features_used"] == "top"
         net = _EENetHeads(scorer._n_exits, scorer._in_dim(), scorer.hidden, scorer.depth)

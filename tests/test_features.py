@@ -12,8 +12,8 @@ from hypothesis.extra import numpy as hnp
 
 import eenet.features as features
 from eenet._checks import EenetError
-from eenet.features import (confidence_features, max_prob, one_minus_entropy, top_probs,
-                            vote_ratio)
+from eenet.features import (N_AGREEMENT_FEATURES, agreement_features, confidence_features,
+                            margin, max_prob, one_minus_entropy, top_probs, vote_ratio)
 
 
 def _random_probs(n: int, k: int, c: int, seed: int = 0, zeros: bool = True) -> np.ndarray:
@@ -105,6 +105,50 @@ class TestKnownValues:
         padded = top_probs(p[:, :, :2] / p[:, :, :2].sum(2, keepdims=True), 4)
         assert padded.shape == (9, 2, 4)
         np.testing.assert_array_equal(padded[..., 2:], 0.0)
+
+
+def _loop_agreement(p):
+    n, k, c = p.shape
+    out = np.zeros((n, k, N_AGREEMENT_FEATURES))
+    for i in range(n):
+        for j in range(k):
+            row = sorted(p[i, j], reverse=True)
+            y = int(np.argmax(p[i, j]))
+            out[i, j, 0] = row[0] - row[1] if c > 1 else 1.0
+            if j == 0:
+                out[i, j, 1:] = [p[i, 0, y], p[i, 0, y], 1.0]
+            else:
+                out[i, j, 1] = p[i, j - 1, y]
+                out[i, j, 2] = np.mean([p[i, jj, y] for jj in range(j)])
+                out[i, j, 3] = float(int(np.argmax(p[i, j - 1])) == y)
+    return out
+
+
+class TestAgreement:
+    @pytest.mark.parametrize("shape", [(7, 1, 2), (20, 4, 5), (13, 6, 3), (5, 3, 1)])
+    def test_against_loop(self, shape):
+        p = _random_probs(*shape, seed=3)
+        out = agreement_features(p)
+        assert out.shape == shape[:2] + (N_AGREEMENT_FEATURES,) and out.dtype == np.float64
+        np.testing.assert_allclose(out, _loop_agreement(p), atol=1e-12)
+        np.testing.assert_allclose(margin(p), _loop_agreement(p)[..., 0], atol=1e-12)
+
+    def test_hand_case(self):
+        p = np.array([[[0.7, 0.3], [0.4, 0.6], [0.2, 0.8]]])
+        np.testing.assert_allclose(agreement_features(p)[0], [[0.4, 0.7, 0.7, 1.0],
+                                                              [0.2, 0.3, 0.3, 0.0],
+                                                              [0.6, 0.6, 0.45, 1.0]])
+
+    def test_blocks_and_torch_give_the_same_answer(self, monkeypatch):
+        p = _random_probs(50, 4, 6, seed=5)
+        whole = agreement_features(p)
+        t = agreement_features(torch.from_numpy(p.astype(np.float32)))
+        assert isinstance(t, torch.Tensor)
+        np.testing.assert_allclose(t.numpy(), whole, atol=1e-6)
+        np.testing.assert_allclose(margin(torch.from_numpy(p)).numpy(), whole[..., 0],
+                                   atol=1e-12)
+        monkeypatch.setattr(features, "_BLOCK_ELEMENTS", 24 * 7)
+        np.testing.assert_array_equal(agreement_features(p), whole)
 
 
 class TestDtypesAndTorch:

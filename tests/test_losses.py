@@ -8,8 +8,8 @@ import torch
 from torch.testing import assert_close
 
 from eenet._checks import EenetError
-from eenet.losses import (assignment_loss, assignment_targets, budget_loss, scoring_loss,
-                          scoring_weights, total_loss)
+from eenet.losses import (assignment_loss, assignment_targets, budget_loss, score_targets,
+                          scoring_loss, scoring_weights, total_loss)
 
 # float64 throughout: the references are exact up to summation order
 TOL = {"rtol": 1e-10, "atol": 1e-12}
@@ -189,3 +189,38 @@ class TestTotalLoss:
         q_logit, z, correct, costs = _inputs()
         with pytest.raises(EenetError, match="z has shape"):
             total_loss(q_logit, z[:, :2], correct, costs, 1.0)
+
+
+class TestScoreTargets:
+    @staticmethod
+    def _ref(correct, kind):
+        n, k = correct.shape
+        out = [[0.0] * k for _ in range(n)]
+        for i in range(n):
+            ok = [bool(c) for c in correct[i]]
+            for j in range(k):
+                if j == k - 1 or kind == "correct":
+                    out[i][j] = float(ok[j])
+                elif kind == "no_regret":
+                    out[i][j] = float(ok[j] or not any(ok[j + 1:]))
+                else:
+                    out[i][j] = float(ok[j] or not ok[-1])
+        return torch.tensor(out)
+
+    @pytest.mark.parametrize("kind", ["correct", "no_regret", "no_regret_last"])
+    def test_against_loop(self, kind):
+        gen = torch.Generator().manual_seed(1)
+        correct = torch.rand(40, 5, generator=gen) < 0.5
+        assert_close(score_targets(correct, kind), self._ref(correct, kind))
+
+    def test_hopeless_sample_is_ready_everywhere_but_the_last(self):
+        ok = torch.tensor([[False, False, False], [False, True, False], [True, False, True]])
+        assert score_targets(ok, "no_regret").tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+        assert score_targets(ok, "no_regret_last").tolist() == [[1, 1, 0], [1, 1, 0],
+                                                                [1, 0, 1]]
+
+    def test_single_exit_and_unknown_kind(self):
+        ok = torch.tensor([[True], [False]])
+        assert score_targets(ok, "no_regret").tolist() == [[1.0], [0.0]]
+        with pytest.raises(EenetError, match="unknown score target"):
+            score_targets(ok, "bogus")

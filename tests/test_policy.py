@@ -133,7 +133,8 @@ class TestDeterminismAndState:
         # the loss of the weights the scorer holds now is the best, not the last, one
         _, hold = _stratified_holdout(labels, scorer.holdout, 1)
         static = scorer._static_features(probs[hold])
-        targets = _targets(torch.from_numpy(probs[hold].argmax(2) == labels[hold][:, None]))
+        targets = _targets(torch.from_numpy(probs[hold].argmax(2) == labels[hold][:, None]),
+                           scorer.target)
         costs = torch.tensor(COSTS / COSTS[-1], dtype=torch.float32)
         with torch.no_grad():
             _, _, parts = scorer._losses(scorer._net, static, targets, costs, 2.0 / COSTS[-1])
@@ -256,3 +257,49 @@ class TestHoldout:
     def test_degenerate(self):
         assert _stratified_holdout(np.zeros(2, np.int64), 0.2, 0)[1].size == 0
         assert _stratified_holdout(np.arange(10), 0.0, 0)[1].size == 0
+
+
+class TestTargetsAndFeatures:
+    def test_no_regret_lets_hopeless_samples_leave_early(self):
+        """A quarter of the labels are flipped, so every exit gets those samples wrong.
+        The paper's target scores them unready at exit 0, the no-regret target ready
+        (going on gains nothing); samples a later exit rescues stay unready under both."""
+        probs, labels = make_problem(n=3000, seed=5)
+        rng = np.random.default_rng(5)
+        flip = rng.random(labels.size) < 0.25
+        labels = np.where(flip, (labels + rng.integers(1, 10, labels.size)) % 10, labels)
+        ok = probs.argmax(2) == labels[:, None]
+        hopeless = ~ok.any(axis=1)
+        helped = ~ok[:, 0] & ok[:, 1:].any(axis=1)
+        assert hopeless.sum() > 500 and helped.sum() > 100
+        q = {kind: EENetScorer(target=kind, **FAST).fit(probs, labels, COSTS, 2.0, seed=0)
+             .scores(probs)[:, 0] for kind in ("correct", "no_regret")}
+        assert q["no_regret"][hopeless].mean() > q["correct"][hopeless].mean() + 0.1
+        assert q["no_regret"][helped].mean() < q["no_regret"][hopeless].mean() - 0.1
+
+    def test_paper_recipe_reachable_and_feature_width(self, problem):
+        probs, labels = problem
+        paper = EENetScorer(target="correct", features="paper", **FAST)
+        paper.fit(probs, labels, COSTS, 2.0)
+        ours = EENetScorer(**FAST).fit(probs, labels, COSTS, 2.0)
+        assert (ours.target, ours.features) == ("no_regret", "agreement")
+        assert ours._in_dim() == paper._in_dim() + 4
+        assert paper._net.in_w.shape[1] == 10 + 3
+        with pytest.raises(EenetError, match="unknown target"):
+            EENetScorer(target="right")
+        with pytest.raises(EenetError, match="unknown features"):
+            EENetScorer(features="all")
+
+    def test_version_1_state_loads_with_the_paper_settings(self, problem, tmp_path):
+        probs, labels = problem
+        scorer = EENetScorer(target="correct", features="paper", **FAST)
+        scorer.fit(probs, labels, COSTS, 2.0)
+        old = scorer.state()
+        old["state_version"] = 1
+        for key in ("target", "features"):
+            del old["hparams"][key]
+        path = tmp_path / "v1.pt"
+        torch.save(old, path)
+        loaded = EENetScorer.from_state(torch.load(path, weights_only=True))
+        assert (loaded.target, loaded.features) == ("correct", "paper")
+        np.testing.assert_array_equal(loaded.scores(probs), scorer.scores(probs))
