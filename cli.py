@@ -267,7 +267,8 @@ def _read_split(path: Path, holdout: float | None, seed: int, part: str):
                                                           "cache's cost unit.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--method", default="eenet", show_default=True,
-              help="eenet, maxprob (msdnet), entropy (branchynet), patience (pabee), static.")
+              help="eenet, eenet-paper, maxprob (msdnet), entropy (branchynet), patience "
+                   "(pabee), static.")
 @click.option("--calibration", type=click.Choice(_CALIBRATIONS), default="default",
               show_default=True, help="How scores become thresholds (default: the method's).")
 @click.option("--no-guard", is_flag=True, help="Calibrate against B itself, without the "

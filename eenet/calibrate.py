@@ -954,10 +954,10 @@ def calibrate(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, budget
 
     With ``guard`` on, the target is :func:`guard_target`'s (bootstrap,
     ``n_boot`` refits of the same mode). A budget at or above the last exit's
-    cost needs no guard: the quota modes send everyone to the last exit,
-    while ``"search"`` returns the most accurate thresholds on validation,
-    which may still use earlier exits (an early exit is sometimes right
-    where the last is wrong); a budget strictly above it also warns.
+    cost needs no guard: every mode sends everyone to the last exit, the full
+    model (an early exit is sometimes right where the last is wrong on
+    validation, but thresholds chosen for that did not hold on held-out
+    data); a budget strictly above it also warns.
 
     Args:
         scores: [n_samples, n_exits] validation scores, higher = readier.
@@ -1038,7 +1038,7 @@ def calibrate(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, budget
     target = budget
     if k_exits == 1:
         values, dist, dist_budget = np.array([-np.inf]), np.ones(1), budget
-    elif full and mode != "search":
+    elif full:
         values = np.full(k_exits, np.inf)
         values[-1] = -np.inf
         dist, dist_budget = np.eye(k_exits)[-1], float(costs[-1])

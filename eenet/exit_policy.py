@@ -34,13 +34,22 @@ POLICY_VERSION = 1
 CalibrationMode = Literal["assignment", "geometric", "search", "patience"]
 
 #: Every method a policy can be fitted with; aliases resolve through ``canonical_method``.
-METHODS: dict[str, Any] = {"eenet": EENetScorer, **SCORERS, "static": None}
+METHODS: dict[str, Any] = {"eenet": EENetScorer, "eenet-paper": EENetScorer, **SCORERS,
+                           "static": None}
+#: Methods whose scores are learned, and the scorer settings each one fixes.
+#: ``eenet-paper`` is the recipe as published: the paper's scoring target
+#: (exit k is right) and features, calibrated by the learned assignment.
+LEARNED: dict[str, dict[str, Any]] = {
+    "eenet": {},
+    "eenet-paper": {"target": "correct", "features": "paper"},
+}
 
 #: The calibration each method uses unless told otherwise. Chosen on held-out
 #: data (benchmarks/RESULTS.md): the published baselines keep their published
 #: rules; EENet uses validation-optimal thresholds on its learned scores.
 DEFAULT_CALIBRATION: dict[str, str] = {
     "eenet": "search",
+    "eenet-paper": "assignment",
     "maxprob": "geometric",
     "entropy": "geometric",
     "patience": "patience",
@@ -48,6 +57,7 @@ DEFAULT_CALIBRATION: dict[str, str] = {
 }
 _MODES_FOR = {
     "eenet": ("assignment", "geometric", "search"),
+    "eenet-paper": ("assignment", "geometric", "search"),
     "maxprob": ("geometric", "search"),
     "entropy": ("geometric", "search"),
     "patience": ("patience", "geometric", "search"),
@@ -58,7 +68,7 @@ _MODES_FOR = {
 def resolve_method(name: str) -> str:
     """Canonical method name for ``name`` or an alias; lists the valid names otherwise."""
     key = str(name).strip().lower()
-    if key in ("eenet", "static"):
+    if key in LEARNED or key == "static":
         return key
     if key == "oracle":
         raise EenetError("'oracle' uses the labels, so it is an upper bound and not a "
@@ -74,7 +84,9 @@ class ExitPolicy:
     """Which exit each sample leaves at, under an average cost budget.
 
     Args:
-        method: ``"eenet"`` (learned scores, Ilhan et al. WACV 2024),
+        method: ``"eenet"`` (learned scores, Ilhan et al. WACV 2024, with
+            eenet's scoring target and features; see :mod:`eenet.policy`),
+            ``"eenet-paper"`` (the published recipe),
             ``"maxprob"``/``"msdnet"``, ``"entropy"``/``"branchynet"``,
             ``"patience"``/``"pabee"`` or ``"static"``.
         calibration: how scores become thresholds: ``"assignment"`` (EENet's
@@ -108,10 +120,11 @@ class ExitPolicy:
         self.guard = bool(guard)
         self.seed = int(seed)
         self.hparams = dict(hparams)
-        if self.method == "eenet":
+        if self.method in LEARNED:
             dev = "cuda" if device == "auto" and torch.cuda.is_available() else (
                 "cpu" if device == "auto" else device)
-            self.scorer: Any = EENetScorer(device=dev, **hparams)
+            self.scorer: Any = EENetScorer(device=dev, **{**hparams,
+                                                          **LEARNED[self.method]})
         elif self.method == "static":
             if hparams:
                 raise EenetError(f"static takes no hyperparameters, got {sorted(hparams)}")
@@ -127,7 +140,7 @@ class ExitPolicy:
         self.static_exit: int | None = None
         self.reference: dict[str, Any] | None = None
         self.provenance: dict[str, Any] = {}
-        self._scorer_fitted = self.scorer is None or self.method != "eenet"
+        self._scorer_fitted = self.scorer is None or self.method not in LEARNED
 
     # ------------------------------------------------------------------ fit
     def fit(self, cache: ExitCache, budget: float, *, verbose: bool = False) -> "ExitPolicy":
@@ -270,7 +283,7 @@ class ExitPolicy:
         if cache.cost_unit != ref["cost_unit"]:
             raise EenetError(f"{where}costs are in {cache.cost_unit!r} but the policy's budget "
                              f"is in {ref['cost_unit']!r}; use caches with the same cost unit")
-        if self.method == "eenet" and cache.n_classes != ref["n_classes"]:
+        if self.method in LEARNED and cache.n_classes != ref["n_classes"]:
             raise EenetError(f"{where}the cache has {cache.n_classes} classes but the policy "
                              f"was fitted with {ref['n_classes']}")
 

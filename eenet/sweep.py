@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from eenet._checks import EenetError, _check_budget
 from eenet.cache import ExitCache
-from eenet.exit_policy import ExitPolicy, evaluate_oracle, resolve_method
+from eenet.exit_policy import LEARNED, ExitPolicy, evaluate_oracle, resolve_method
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def fit_cell(val: ExitCache, test: ExitCache, method: str, budget: float, seed: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the sweep reports per-cell outcomes in the table
         policy = ExitPolicy(method, calibration=calibration, seed=seed,
-                            **(hparams or {}) if method == "eenet" else {})
+                            **(hparams or {}) if method in LEARNED else {})
         policy.fit(val, budget)
         return _row(label or method, budget, seed, policy.evaluate(test),
                     policy.evaluate(val))
@@ -189,7 +189,7 @@ def run_sweep(val: ExitCache, test: ExitCache, *, budgets: Sequence[float] | Non
              for label, (m, calib) in specs.items() for b in budgets for s in seeds]
     # learned scores and searched thresholds are the slow cells: start them first so the
     # workers finish together
-    tasks.sort(key=lambda t: (t[0] != "eenet", t[3] != "search"))
+    tasks.sort(key=lambda t: (t[0] not in LEARNED, t[3] != "search"))
     jobs = min(jobs or os.cpu_count() or 1, len(tasks))
     if jobs > 1 and len(tasks) >= 2 * jobs:
         # fork shares the caches without pickling and, unlike spawn, does not re-run the
@@ -256,13 +256,14 @@ def format_summary(table: pd.DataFrame, *, cost_unit: str = "") -> str:
 
 _STYLE = {
     "eenet": dict(color="#d62728", marker="o", lw=2.2, zorder=5),
+    "eenet-paper": dict(color="#ff7f0e", marker="D", lw=1.2),
     "maxprob": dict(color="#1f77b4", marker="s"),
     "entropy": dict(color="#2ca02c", marker="^"),
     "patience": dict(color="#9467bd", marker="v"),
     "static": dict(color="#7f7f7f", marker="x", ls=":"),
     "oracle": dict(color="black", ls="--", marker=None, lw=1.2),
 }
-_LABELS = {"eenet": "EENet", "maxprob": "MSDNet max-prob", "entropy": "BranchyNet entropy",
+_LABELS = {"eenet": "EENet", "eenet-paper": "EENet, paper recipe", "maxprob": "MSDNet max-prob", "entropy": "BranchyNet entropy",
            "patience": "PABEE patience", "static": "static (one exit)",
            "oracle": "oracle (uses labels)"}
 

@@ -96,3 +96,23 @@ def test_oracle_bounds_every_policy(val_test_caches):
         for method in ("maxprob", "entropy", "static"):
             assert ExitPolicy(method).fit(val, budget).evaluate(test).accuracy <= \
                 oracle.accuracy
+
+
+def test_paper_recipe_preset(val_test_caches, tmp_path):
+    val, test = val_test_caches
+    policy = ExitPolicy("eenet-paper", epochs=30).fit(val, 4.0)
+    assert policy.calibration == "assignment"
+    hp = policy.scorer.hparams()
+    assert (hp["target"], hp["features"]) == ("correct", "paper")
+    assert policy.evaluate(test).avg_cost <= 4.0 * 1.01
+    policy.save(tmp_path / "paper.pt")
+    again = ExitPolicy.load(tmp_path / "paper.pt")
+    assert again.method == "eenet-paper" and again.scorer.hparams()["target"] == "correct"
+    np.testing.assert_array_equal(again.exits(test), policy.exits(test))
+
+
+def test_full_budget_is_the_full_model(val_test_caches):
+    val, test = val_test_caches
+    for method in ("eenet", "maxprob"):
+        exits = _policy(method, calibration="search").fit(val, float(val.costs[-1])).exits(test)
+        assert (exits == val.n_exits - 1).all()
