@@ -160,12 +160,14 @@ def main(ctx: click.Context, seed: int, device: str, verbose: bool, quiet: bool)
                                      "hooks (non-staged models; found automatically if omitted).")
 @click.option("--autocast", is_flag=True, help="Run the forward under torch.autocast "
                                                "(float16 on CUDA, bfloat16 on CPU).")
+@click.option("--no-timing", is_flag=True, help="With flops or given --costs, skip timing the "
+                                                "exits (their latencies are not stored).")
 @click.pass_context
 @_friendly
 def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: str,
           data_dir: Path | None, out: Path, split: str | None, device: str | None,
           batch_size: int, num_workers: int, limit: int | None, costs: str, cost_unit: str,
-          dtype: str, exit_modules: str | None, autocast: bool) -> None:
+          dtype: str, exit_modules: str | None, autocast: bool, no_timing: bool) -> None:
     """Run a frozen multi-exit network once and store every exit's output."""
     from eenet.exits import cache_model
     from eenet.cache import read_cache
@@ -177,7 +179,7 @@ def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: 
                        num_workers=num_workers, limit=limit, costs=cost_spec,
                        cost_unit_given=cost_unit, dtype=dtype,
                        exit_modules=_parse_names(exit_modules), verbose=ctx.obj["progress"],
-                       seed=ctx.obj["seed"], autocast=autocast)
+                       seed=ctx.obj["seed"], autocast=autocast, time_exits=not no_timing)
     c = read_cache(path)
     click.echo(f"wrote {path}: {c.n_samples} samples x {c.n_exits} exits x {c.n_classes} "
                f"classes, costs {_fmt_costs(c.costs)} {c.cost_unit} ({c.cost_source})")

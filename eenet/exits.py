@@ -1085,7 +1085,7 @@ def cache_model(model_spec: str, data_spec: str, out: str | os.PathLike, *,
                 dtype: Literal["float32", "float16"] = "float32",
                 exit_modules: Sequence[str] | None = None, verbose: bool = True,
                 seed: int = 0, min_run_time: float = 0.2, repeats: int = 20,
-                autocast: bool = False) -> Path:
+                autocast: bool = False, time_exits: bool = True) -> Path:
     """Run a frozen multi-exit model on a dataset split and write its exit cache.
 
     What ``eenet cache`` calls. Everything cheap is checked first (arguments,
@@ -1116,6 +1116,9 @@ def cache_model(model_spec: str, data_spec: str, out: str | os.PathLike, *,
         min_run_time, repeats: timing effort, see :func:`measure_costs`.
         autocast: run the forward under ``torch.autocast`` (see
             :func:`run_exits`); recorded as the root attribute ``autocast``.
+        time_exits: with ``flops`` or explicit costs, still time every exit
+            and store the latencies as extra cost vectors (default); False
+            skips the timing. ``measured`` costs always time.
 
     Returns:
         The path of the written cache.
@@ -1150,6 +1153,8 @@ def cache_model(model_spec: str, data_spec: str, out: str | os.PathLike, *,
             raise EenetError(f"costs has {given.size} values but the model has {n_exits} "
                              f"exits; give one cumulative cost per exit")
         try:
+            if not (time_exits or kind == "measured"):
+                raise EenetError("timing switched off")
             report = measure_costs(model, example, device=dev, batch_size=batch_size,
                                    repeats=repeats, min_run_time=min_run_time,
                                    exit_modules=exit_modules)
