@@ -223,7 +223,8 @@ def _policies(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_summary(table: pd.DataFrame, *, cost_unit: str = "") -> str:
-    """Test accuracy (%) per budget and method, mean over seeds; ``*`` marks the best policy.
+    """Test accuracy (%) per budget and method, mean over seeds; ``*`` marks the best policy
+    (every one tied for best).
 
     The oracle is shown but never marked: it reads the labels.
     """
@@ -237,15 +238,16 @@ def format_summary(table: pd.DataFrame, *, cost_unit: str = "") -> str:
     ratio = pol.assign(r=pol["avg_cost"] / pol["budget"]).groupby("method")["r"].max()
     width = max(9, *(len(m) + 2 for m in order))
     unit = f" ({cost_unit})" if cost_unit else ""
-    lines = [f"test accuracy (%) by budget{unit}; * = best policy at that budget",
+    lines = [f"test accuracy (%) by budget{unit}; * = best policy at that budget (ties all marked)",
              f"{'budget':>10}" + "".join(f"{m:>{width}}" for m in order)]
     for budget, row in mean.iterrows():
         deployable = row.drop(labels=["oracle"], errors="ignore").dropna()
-        best = deployable.idxmax() if not deployable.empty else None
+        top = deployable.max() if not deployable.empty else np.nan
+        best = set(deployable.index[deployable >= top - 1e-12])  # every method tied at the top
         cells = []
         for m in order:
             v = row[m]
-            text = "-" if pd.isna(v) else f"{100 * v:.2f}" + ("*" if m == best else " ")
+            text = "-" if pd.isna(v) else f"{100 * v:.2f}" + ("*" if m in best else " ")
             cells.append(f"{text:>{width}}")
         lines.append(f"{budget:>10.4g}" + "".join(cells))
     lines.append(f"{'max cost/B':>10}" + "".join(
