@@ -86,7 +86,10 @@ def parse_method_spec(spec: str) -> tuple[str, str | None, str]:
         ('maxprob', 'search', 'maxprob:search')
     """
     name, _, calib = spec.strip().partition(":")
-    name = "oracle" if name.strip().lower() == "oracle" else resolve_method(name)
+    try:
+        name = "oracle" if name.strip().lower() == "oracle" else resolve_method(name)
+    except EenetError as err:
+        raise EenetError(f"{err}, or oracle (the label-aware upper bound)") from None
     calib = calib.strip() or None
     if calib is not None:
         from eenet.exit_policy import _MODES_FOR
