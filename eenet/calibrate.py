@@ -497,16 +497,20 @@ class _Search:
         gain_cost = d_cost.sum() - np.cumsum(d_cost)[:-1]
         return corr_wo.sum() + gain_acc, cost_wo.sum() + gain_cost
 
+    def _order(self, sweep: int, rng: np.random.Generator) -> np.ndarray:
+        """Exits to visit in a coordinate sweep: in order first, then shuffled."""
+        order = np.arange(self.k_exits - 1)
+        if sweep:
+            rng.shuffle(order)
+        return order
+
     def lagrangian(self, g: np.ndarray, lam: float, order_rng: np.random.Generator,
                    max_sweeps: int) -> np.ndarray:
         """Coordinate ascent on ``correct - lam * cost / c_{K-1}``."""
         g = g.copy()
         for sweep in range(max_sweeps):
             changed = False
-            order = np.arange(self.k_exits - 1)
-            if sweep:
-                order_rng.shuffle(order)
-            for k in order:
+            for k in self._order(sweep, order_rng):
                 acc, cost = self.tables(g, k)
                 obj = acc - lam * cost / self.scale
                 best = obj.max()
@@ -552,10 +556,7 @@ class _Search:
                 return g  # cannot happen when grid 0 admits every sample at exit 0
         for sweep in range(max_sweeps):
             changed = False
-            order = np.arange(self.k_exits - 1)
-            if sweep:
-                order_rng.shuffle(order)
-            for k in order:
+            for k in self._order(sweep, order_rng):
                 acc, cost = self.tables(g, k)
                 ok = np.flatnonzero(cost <= cap)
                 if not ok.size:
