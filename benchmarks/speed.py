@@ -147,15 +147,18 @@ def memory_part(part: str, path: str) -> dict:
     elif part == "fit":
         cache = eenet.read_cache(path)
         ExitPolicy("maxprob").fit(cache, 3.0).evaluate(cache)
+    elif part == "fit-eenet":
+        cache = eenet.read_cache(path)
+        ExitPolicy("eenet").fit(cache, 3.0).evaluate(cache)
     peak = tracemalloc.get_traced_memory()[1] / 2**20
     return {"part": part, "baseline_mib": base, "peak_mib": peak, "peak_rss_mib": _peak_mib()}
 
 
-def bench_memory() -> None:
+def bench_memory(parts: list[str]) -> None:
     logits_mib = BIG["n"] * BIG["k"] * BIG["c"] * 4 / 2**20
     with tempfile.TemporaryDirectory() as d:
         path = str(Path(d) / "big.h5")
-        for part in ("write", "read", "fit"):
+        for part in ["write"] + [p for p in parts if p != "write"]:
             out = subprocess.run([sys.executable, __file__, "--memory-part", part, "--path",
                                   path], check=True, capture_output=True, text=True)
             res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -170,6 +173,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.csv"))
     ap.add_argument("--parts", default="fit,caching,memory")
+    ap.add_argument("--memory-parts", default="write,read,fit,fit-eenet")
     ap.add_argument("--memory-part", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -183,7 +187,7 @@ def main() -> None:
     if "caching" in parts:
         bench_caching(args.seed)
     if "memory" in parts:
-        bench_memory()
+        bench_memory(args.memory_parts.split(","))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(ROWS).to_csv(args.out, index=False)
     print(f"wrote {args.out}")
