@@ -8,7 +8,9 @@ per-exit features
            vote ratio), q_0 .. q_{k-1} (scores of the earlier exits)]
 
 - the scoring head g_k gives ``q_k = sigmoid(g_k(x_k))``, the predicted
-  probability that exit k is correct;
+  probability that exit k is correct (the paper's target, ``target="correct"``)
+  or, by default, that leaving at k loses nothing a later exit would win
+  (``target="no_regret"``, :func:`eenet.losses.score_targets`);
 - the assignment head h_k gives an unbounded logit ``z_k``;
   ``r = softmax_k(z)`` is the soft assignment of the sample to the exits.
 
@@ -16,6 +18,11 @@ They are trained with ``L_g + alpha_ce L_ce + alpha_budget L_budget``
 (:mod:`eenet.losses`). The mean assignment on the fit data, ``rbar``, is the
 learned exit distribution; turning ``rbar`` and the scores into thresholds is
 the job of :mod:`eenet.calibrate`.
+
+Defaults that depart from the paper, chosen on held-out validation data
+(benchmarks/RESULTS.md): the no-regret scoring target and the agreement
+features (:func:`eenet.features.agreement_features`); ``target="correct",
+features="paper"`` restores the published recipe.
 
 Departures from the authors' released code, each deliberate:
 
