@@ -99,6 +99,8 @@ class ExitCache:
     sample_ids: np.ndarray | None = None
     attrs: Mapping[str, Any] = field(default_factory=dict)
     path: str | None = None
+    # arg-max and correctness, computed once: every fit, calibration and evaluation asks
+    _memo: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         where = f"{self.path}: " if self.path else ""
@@ -176,12 +178,20 @@ class ExitCache:
         return out
 
     def predictions(self) -> np.ndarray:
-        """Arg-max class of every exit, int64 [n_samples, n_exits]."""
-        return np.argmax(self.logits, axis=2).astype(np.int64)
+        """Arg-max class of every exit, int64 [n_samples, n_exits] (read-only)."""
+        if "predictions" not in self._memo:
+            pred = np.argmax(self.logits, axis=2).astype(np.int64)
+            pred.flags.writeable = False
+            self._memo["predictions"] = pred
+        return self._memo["predictions"]
 
     def correct(self) -> np.ndarray:
-        """Whether each exit's arg-max is the label, bool [n_samples, n_exits]."""
-        return self.predictions() == self.labels[:, None]
+        """Whether each exit's arg-max is the label, bool [n_samples, n_exits] (read-only)."""
+        if "correct" not in self._memo:
+            ok = self.predictions() == self.labels[:, None]
+            ok.flags.writeable = False
+            self._memo["correct"] = ok
+        return self._memo["correct"]
 
     # ---- views ---------------------------------------------------------------
     def subset(self, indices: np.ndarray | Sequence[int]) -> "ExitCache":
