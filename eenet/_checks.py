@@ -59,6 +59,23 @@ def _check_costs(costs: Sequence[float] | np.ndarray, n_exits: int | None = None
     return arr
 
 
+def parse_costs(text: str | Sequence[float] | None) -> np.ndarray | None:
+    """Parse ``"1.2,3.4,5"`` (or ``;``-separated, or a sequence) into float64; ``None`` passes."""
+    if text is None:
+        return None
+    if isinstance(text, str):
+        try:
+            return np.array([float(v) for v in text.replace(";", ",").split(",") if v.strip()],
+                            dtype=np.float64)
+        except ValueError:
+            raise EenetError(f"costs {text!r} must be comma-separated numbers, e.g. "
+                             f"'1.5,3,4.5,6'") from None
+    try:
+        return np.asarray(text, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise EenetError(f"costs must be numbers, got {text!r}") from None
+
+
 def _check_finite(name: str, arr: np.ndarray) -> None:
     """Raise if ``arr`` holds NaN or infinity, naming the first bad position."""
     bad = ~np.isfinite(arr)

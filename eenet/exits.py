@@ -47,7 +47,7 @@ from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from eenet._checks import CacheError, EenetError, _check_choice, _check_costs
+from eenet._checks import CacheError, EenetError, _check_choice, _check_costs, parse_costs
 from eenet.cache import CacheWriter
 
 logger = logging.getLogger(__name__)
@@ -1025,22 +1025,9 @@ def measure_costs(model: nn.Module, example_input: Any, *,
 # ---------------------------------------------------------------------------
 def _parse_costs(costs: str | Sequence[float]) -> tuple[str, np.ndarray | None]:
     """``"measured"``/``"flops"``, or explicit numbers (a sequence or ``"1,2.5,4"``)."""
-    if isinstance(costs, str):
-        name = costs.strip().lower()
-        if name in ("measured", "flops"):
-            return name, None
-        try:
-            values = [float(v) for v in name.replace(";", ",").split(",") if v.strip()]
-        except ValueError:
-            raise EenetError(f"costs {costs!r} is neither 'measured', 'flops' nor a "
-                             f"comma-separated list of per-exit costs") from None
-    else:
-        try:
-            values = [float(v) for v in costs]
-        except (TypeError, ValueError):
-            raise EenetError(f"costs must be 'measured', 'flops' or numbers, got "
-                             f"{costs!r}") from None
-    return "given", _check_costs(values, name="costs")
+    if isinstance(costs, str) and costs.strip().lower() in ("measured", "flops"):
+        return costs.strip().lower(), None
+    return "given", _check_costs(parse_costs(costs), name="costs")
 
 
 def _example_batch(dataset: Dataset, n: int, spec: str) -> Any:

@@ -21,7 +21,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from eenet._checks import EenetError, _check_costs
+from eenet._checks import EenetError, _check_costs, parse_costs
 from eenet.cache import ExitCache, write_cache
 
 Layout = Literal["nkc", "knc"]
@@ -96,19 +96,6 @@ def _as_int_labels(labels: np.ndarray, path: Path) -> np.ndarray:
         raise EenetError(f"{path}: labels must be integer class indices, got dtype "
                          f"{labels.dtype}")
     return labels.astype(np.int64)
-
-
-def parse_costs(text: str | Sequence[float] | None) -> np.ndarray | None:
-    """Parse ``"1.2,3.4,5"`` (or a sequence) into a float64 array; ``None`` passes through."""
-    if text is None:
-        return None
-    if isinstance(text, str):
-        try:
-            return np.array([float(v) for v in text.split(",") if v.strip()], dtype=np.float64)
-        except ValueError:
-            raise EenetError(f"costs {text!r} must be comma-separated numbers, e.g. "
-                             f"'1.5,3,4.5,6'") from None
-    return np.asarray(text, dtype=np.float64)
 
 
 def load_exit_outputs(src: str | os.PathLike, *, labels: str | os.PathLike | None = None,
