@@ -38,7 +38,7 @@ METHODS = ["eenet", "eenet-paper", "eenet:assignment", *PUBLISHED, *SEARCHED, "o
 def ensure_cache(name: str, split: str, cache_dir: Path, data_dir: Path | None, like=None):
     """Cache one split; with ``like``, reuse that cache's measured per-exit latencies
     (the network's costs do not depend on the split; re-timing only adds noise)."""
-    from eenet.exits import cache_model
+    from eenet.ingest.model import cache_model
 
     path = cache_dir / f"{name}_{split}.h5"
     if not path.exists():

@@ -77,7 +77,7 @@ def bench_caching(seed: int) -> None:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from eenet.exits import cache_model
+    from eenet.ingest.model import cache_model
 
     n = 10_000
     rng = np.random.default_rng(seed)

@@ -19,12 +19,12 @@ __version__ = "0.1.0"
 # Heavy names (torch, pandas) load on first use, so `import eenet` and `eenet --help` stay fast.
 _LAZY = {
     "ExitCache": "eenet.cache", "read_cache": "eenet.cache", "write_cache": "eenet.cache",
-    "CacheWriter": "eenet.cache", "EenetError": "eenet._checks",
+    "CacheWriter": "eenet.cache", "EenetError": "eenet._validation",
     "synthetic_cache": "eenet.synthetic", "synthetic_example": "eenet.synthetic",
     "ExitPolicy": "eenet.exit_policy", "evaluate_oracle": "eenet.exit_policy",
     "METHODS": "eenet.exit_policy", "EvalResult": "eenet.evaluate",
     "run_sweep": "eenet.sweep", "plot_sweep": "eenet.sweep",
-    "import_exit_outputs": "eenet.importing",
+    "import_exit_outputs": "eenet.ingest.arrays",
 }
 __all__ = ["__version__", *_LAZY]
 

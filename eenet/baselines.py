@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-from eenet._checks import EenetError, _check_budget, _check_costs
+from eenet._validation import EenetError, _check_budget, _check_costs
 from eenet.calibrate import _BUDGET_RTOL, _as_correct, _check_guard_args, _guard
 from eenet.features import max_prob, one_minus_entropy
 

@@ -44,7 +44,7 @@ import h5py
 import numpy as np
 
 from eenet import __version__
-from eenet._checks import CacheError, EenetError, _check_costs
+from eenet._validation import CacheError, EenetError, _check_costs
 from eenet.metrics import exit_accuracy, oracle_accuracy
 
 FORMAT_NAME = "eenet-exit-cache"

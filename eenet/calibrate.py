@@ -39,7 +39,7 @@ import scipy.optimize
 import scipy.special
 import scipy.stats
 
-from eenet._checks import EenetError, _check_budget, _check_choice, _check_costs, _check_finite
+from eenet._validation import EenetError, _check_budget, _check_choice, _check_costs, _check_finite
 from eenet.metrics import exit_fractions
 
 __all__ = [

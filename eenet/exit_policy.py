@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from eenet import __version__
-from eenet._checks import EenetError, _check_budget, _check_choice
+from eenet._validation import EenetError, _check_budget, _check_choice
 from eenet.baselines import SCORERS, apply_patience, calibrate_patience, canonical_method, \
     oracle_exits, static_exit
 from eenet.cache import ExitCache

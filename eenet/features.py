@@ -19,7 +19,7 @@ from typing import Callable, TypeVar, Union
 import numpy as np
 import torch
 
-from eenet._checks import EenetError
+from eenet._validation import EenetError
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 ArrayLike = Union[np.ndarray, torch.Tensor]

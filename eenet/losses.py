@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eenet._checks import EenetError
+from eenet._validation import EenetError
 
 __all__ = [
     "SCORE_TARGETS",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from eenet._checks import EenetError
+from eenet._validation import EenetError
 
 
 def _check_exits(exits: np.ndarray, n_exits: int) -> np.ndarray:

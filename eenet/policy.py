@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from eenet._checks import EenetError, _check_budget, _check_choice, _check_costs
+from eenet._validation import EenetError, _check_budget, _check_choice, _check_costs
 from eenet.features import N_AGREEMENT_FEATURES, N_CONFIDENCE_FEATURES, _check_probs, \
     agreement_features, confidence_features, top_probs
 from eenet.losses import SCORE_TARGETS, assignment_loss, assignment_targets, budget_loss, \

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from eenet._checks import EenetError, _check_budget
+from eenet._validation import EenetError, _check_budget
 from eenet.cache import ExitCache
 from eenet.exit_policy import LEARNED, ExitPolicy, evaluate_oracle, resolve_method
 
@@ -93,7 +93,7 @@ def parse_method_spec(spec: str) -> tuple[str, str | None, str]:
     calib = calib.strip() or None
     if calib is not None:
         from eenet.exit_policy import _MODES_FOR
-        from eenet._checks import _check_choice
+        from eenet._validation import _check_choice
 
         if name == "oracle":
             raise EenetError("the oracle has no calibration; write it as 'oracle'")
@@ -342,9 +342,9 @@ def _cached_split(split: str, cache_dir: Path, *, data_dir: Path | None, force: 
     the split, and timing it twice on a busy machine gives two different
     answers for the same network.
     """
-    from eenet._checks import CacheError
+    from eenet._validation import CacheError
     from eenet.cache import read_cache
-    from eenet.exits import cache_model
+    from eenet.ingest.model import cache_model
 
     path = cache_dir / f"fashion_mnist_cnn4_{split}.h5"
     if path.exists() and not force:

@@ -1,4 +1,4 @@
-"""Tiny multi-exit models and factories for the tests of eenet.exits (CPU, no data)."""
+"""Tiny multi-exit models and factories for the tests of eenet.ingest.model (CPU, no data)."""
 from __future__ import annotations
 
 import torch

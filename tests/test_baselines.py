@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eenet._checks import EenetError
+from eenet._validation import EenetError
 from eenet.baselines import (SCORERS, EntropyScorer, MaxProbScorer, PatienceScorer,
                              ScoreMethod, apply_patience, calibrate_patience, canonical_method,
                              oracle_exits, patience_exits, run_lengths, static_exit,

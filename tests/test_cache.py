@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from eenet._checks import CacheError, EenetError
+from eenet._validation import CacheError, EenetError
 from eenet.cache import (FORMAT_VERSION, CacheWriter, ExitCache, _rows_per_block, read_cache,
                          write_cache)
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from eenet._checks import EenetError
+from eenet._validation import EenetError
 from eenet.calibrate import (Thresholds, apply_thresholds, calibrate, geometric_fractions,
                              guard_target, quota_thresholds, search_thresholds,
                              tilt_fractions)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import main
+from eenet.cli import main
 
 
 def known_answer_npz(path, n=1200, seed=0):

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from eenet._checks import EenetError
+from eenet._validation import EenetError
 from eenet.cache import read_cache
 from eenet.examples import fashion_mnist as fm
 from eenet.examples.models import (CHECKPOINTS, PACKAGE_DIR, MultiExitCNN, fashion_mnist_cnn4,
                                    fashion_mnist_cnn6, load_checkpoint)
 from eenet.examples.train import save_checkpoint
-from eenet.exits import cache_model, measure_costs
+from eenet.ingest.model import cache_model, measure_costs
 
 
 class TestMultiExitCNN:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from eenet._checks import EenetError
+from eenet._validation import EenetError
 from eenet.exit_policy import ExitPolicy, evaluate_oracle, resolve_method
 from eenet.synthetic import synthetic_cache
 

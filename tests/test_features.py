@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import eenet.features as features
-from eenet._checks import EenetError
+from eenet._validation import EenetError
 from eenet.features import (N_AGREEMENT_FEATURES, agreement_features, confidence_features,
                             margin, max_prob, one_minus_entropy, top_probs, vote_ratio)
 

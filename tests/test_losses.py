@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from eenet._checks import EenetError
+from eenet._validation import EenetError
 from eenet.losses import (assignment_loss, assignment_targets, budget_loss, score_targets,
                           scoring_loss, scoring_weights, total_loss)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from eenet._checks import EenetError
+from eenet._validation import EenetError
 from eenet.policy import EENetScorer, _stratified_holdout, _targets, fit_eenet
 
 COSTS = np.array([1.0, 2.0, 3.0])

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eenet._checks import EenetError
+from eenet._validation import EenetError
 from eenet.sweep import (COLUMNS, budget_gaps, default_budgets, format_summary,
                          parse_method_spec, plot_sweep, run_sweep)
 from eenet.synthetic import synthetic_cache

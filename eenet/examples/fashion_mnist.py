@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from eenet._checks import EenetError, _check_choice
+from eenet._validation import EenetError, _check_choice
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 ENV_VAR = "EENET_FASHION_MNIST_DIR"

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from eenet._checks import EenetError
+from eenet._validation import EenetError
 
 # One stage: (output channels, number of 3x3 conv layers, 2x2 max-pool at the end,
 # side of the head's average-pooled grid). Heads pool to a small grid rather than

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from eenet._checks import EenetError
+from eenet._validation import EenetError
 from eenet.examples.fashion_mnist import load_fashion_mnist
 from eenet.examples.models import MultiExitCNN
 

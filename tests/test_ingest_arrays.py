@@ -6,10 +6,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import main
-from eenet._checks import EenetError
+from eenet.cli import main
+from eenet._validation import EenetError
 from eenet.cache import read_cache
-from eenet.importing import import_exit_outputs, load_exit_outputs
+from eenet.ingest.arrays import import_exit_outputs, load_exit_outputs
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tests of eenet.exits: loading models and data, streaming exits, costs, cache_model."""
+"""Tests of eenet.ingest.model: loading models and data, streaming exits, costs, cache_model."""
 from __future__ import annotations
 
 import logging
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from eenet._checks import CacheError, EenetError
+from eenet._validation import CacheError, EenetError
 from eenet.cache import read_cache
-from eenet.exits import (CostReport, cache_model, load_dataset, load_model, measure_costs,
+from eenet.ingest.model import (CostReport, cache_model, load_dataset, load_model, measure_costs,
                          resolve_device, run_exits)
 
 HERE = Path(__file__).resolve().parent
@@ -368,7 +368,7 @@ class TestCacheModel:
     def test_torchscript_without_stages_falls_back_for_flops(self, data_npz, out_dir, caplog,
                                                              tmp_path):
         _script(toy.hooked()).save(str(tmp_path / "m.ts"))
-        with caplog.at_level(logging.INFO, logger="eenet.exits"):
+        with caplog.at_level(logging.INFO, logger="eenet.ingest.model"):
             cache = read_cache(cache_model(str(tmp_path / "m.ts"), str(data_npz),
                                            out_dir / "c.h5", costs="flops", device="cpu",
                                            verbose=False, **FAST))

@@ -13,7 +13,7 @@ Costs are cumulative: exit ``k`` costs the backbone up to it plus every head
 at or before it, since an exit policy evaluates the earlier heads to decide.
 
 Example:
-    >>> from eenet.exits import cache_model
+    >>> from eenet.ingest.model import cache_model
     >>> cache_model("eenet.examples.models:fashion_mnist_cnn4",
     ...             "fashion-mnist:val", "cache/val.h5")  # doctest: +SKIP
     PosixPath('cache/val.h5')
@@ -47,7 +47,7 @@ from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from eenet._checks import CacheError, EenetError, _check_choice, _check_costs, parse_costs
+from eenet._validation import CacheError, EenetError, _check_choice, _check_costs, parse_costs
 from eenet.cache import CacheWriter
 
 logger = logging.getLogger(__name__)

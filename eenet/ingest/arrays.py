@@ -21,7 +21,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from eenet._checks import EenetError, _check_costs, parse_costs
+from eenet._validation import EenetError, _check_costs, parse_costs
 from eenet.cache import ExitCache, write_cache
 
 Layout = Literal["nkc", "knc"]

@@ -1,0 +1,130 @@
+"""Commands that make and describe exit caches: cache, import, info."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from eenet.cli import _echo_json, _friendly, _out_path, _parse_floats, _parse_names, main
+
+
+# ---------------------------------------------------------------------------
+# cache / import / info
+# ---------------------------------------------------------------------------
+@main.command(epilog="Example: eenet cache --model eenet.examples.models:fashion_mnist_cnn4 "
+                     "--data fashion-mnist:val --out cache/fmnist_val.h5")
+@click.option("--model", "model_spec", required=True,
+              help="Factory 'package.module:function' or a TorchScript file.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="State dict checkpoint, loaded with weights_only=True.")
+@click.option("--data", "data_spec", required=True,
+              help="'package.module:function' returning a Dataset, an .npz with x and y, "
+                   "or fashion-mnist:train|val|test.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of the built-in dataset's files.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The HDF5 exit cache to write.")
+@click.option("--split", help="Split name to record (parsed from the data spec if omitted).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Overrides the group's --device.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--num-workers", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--limit", type=click.IntRange(1), help="Cache only the first N samples.")
+@click.option("--costs", default="measured", show_default=True,
+              help="'measured' (timed on this device), 'flops', or given values c1,c2,...")
+@click.option("--cost-unit", default="ms", show_default=True,
+              help="Unit of given --costs values.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True)
+@click.option("--exit-modules", help="Comma-separated names of the exit modules to time with "
+                                     "hooks (non-staged models; found automatically if omitted).")
+@click.option("--autocast", is_flag=True, help="Run the forward under torch.autocast "
+                                               "(float16 on CUDA, bfloat16 on CPU).")
+@click.option("--no-timing", is_flag=True, help="With flops or given --costs, skip timing the "
+                                                "exits (their latencies are not stored).")
+@click.pass_context
+@_friendly
+def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: str,
+          data_dir: Path | None, out: Path, split: str | None, device: str | None,
+          batch_size: int, num_workers: int, limit: int | None, costs: str, cost_unit: str,
+          dtype: str, exit_modules: str | None, autocast: bool, no_timing: bool) -> None:
+    """Run a frozen multi-exit network once and store every exit's output."""
+    from eenet.ingest.model import cache_model
+    from eenet.cache import read_cache
+
+    _out_path(out)
+    cost_spec: Any = costs if costs in ("measured", "flops") else _parse_floats(costs, "--costs")
+    path = cache_model(model_spec, data_spec, out, weights=weights, data_dir=data_dir,
+                       split=split, device=device or ctx.obj["device"], batch_size=batch_size,
+                       num_workers=num_workers, limit=limit, costs=cost_spec,
+                       cost_unit_given=cost_unit, dtype=dtype,
+                       exit_modules=_parse_names(exit_modules), verbose=ctx.obj["progress"],
+                       seed=ctx.obj["seed"], autocast=autocast, time_exits=not no_timing)
+    c = read_cache(path)
+    click.echo(f"wrote {path}: {c.n_samples} samples x {c.n_exits} exits x {c.n_classes} "
+               f"classes, costs {_fmt_costs(c.costs)} {c.cost_unit} ({c.cost_source})")
+
+
+@main.command("import", epilog="Example: eenet import val_logits.npz --out cache/val.h5 "
+                                "--costs 1.2,2.5,3.9,5.1 --cost-unit ms")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Labels file when SRC has none (.npy, .npz, .pt, .txt).")
+@click.option("--costs", help="Cumulative per-exit costs c1,c2,... (overrides SRC's).")
+@click.option("--cost-unit", default="ms", show_default=True)
+@click.option("--layout", type=click.Choice(["nkc", "knc"]), default="nkc", show_default=True,
+              help="nkc = [samples, exits, classes]; knc = [exits, samples, classes].")
+@click.option("--probs", is_flag=True, help="SRC holds probabilities, not logits.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True)
+@click.option("--model", default="", help="Model name to record.")
+@click.option("--dataset", default="", help="Dataset name to record.")
+@click.option("--split", default="", help="Split name to record.")
+@_friendly
+def import_(src: Path, out: Path, labels: Path | None, costs: str | None, cost_unit: str,
+            layout: str, probs: bool, dtype: str, model: str, dataset: str, split: str) -> None:
+    """Turn logits or probabilities you already have into an exit cache."""
+    from eenet.ingest.arrays import import_exit_outputs
+
+    _out_path(out)
+    c = import_exit_outputs(src, out, dtype=dtype, labels=labels,
+                            costs=_parse_floats(costs, "--costs"), cost_unit=cost_unit,
+                            layout=layout, probs=probs, model=model, dataset=dataset,
+                            split=split)
+    click.echo(f"wrote {out}: {c.n_samples} samples x {c.n_exits} exits x {c.n_classes} "
+               f"classes, costs {_fmt_costs(c.costs)} {c.cost_unit}")
+
+
+def _fmt_costs(costs: Any) -> str:
+    return "[" + ", ".join(f"{float(c):.4g}" for c in costs) + "]"
+
+
+@main.command(epilog="Example: eenet info cache/fmnist_val.h5 --json")
+@click.argument("cache_path", metavar="CACHE",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_friendly
+def info(cache_path: Path, as_json: bool) -> None:
+    """Summarise an exit cache: sizes, costs, per-exit and oracle accuracy."""
+    from eenet.cache import read_cache
+
+    s = read_cache(cache_path).summary()
+    if as_json:
+        _echo_json(s)
+        return
+    click.echo(f"{s['path']}")
+    click.echo(f"  model {s['model'] or '-'}   dataset {s['dataset'] or '-'}   "
+               f"split {s['split'] or '-'}")
+    click.echo(f"  {s['n_samples']} samples, {s['n_exits']} exits, {s['n_classes']} classes, "
+               f"logits {s['logits_dtype']} ({s['logits_kind']})")
+    click.echo(f"  costs in {s['cost_unit']} ({s['cost_source']}"
+               f"{', ' + s['device'] if s['device'] else ''})")
+    click.echo(f"  {'exit':<10} {'cost':>12} {'accuracy':>9}")
+    for name, cost, acc in zip(s["exit_names"], s["costs"], s["exit_accuracy"]):
+        click.echo(f"  {name:<10} {cost:>12.4g} {acc:>9.4f}")
+    click.echo(f"  last-exit accuracy {s['last_exit_accuracy']:.4f}   "
+               f"oracle (any exit right) {s['oracle_accuracy']:.4f}")
+
+

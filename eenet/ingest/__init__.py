@@ -1,0 +1,1 @@
+"""Everything that makes an exit cache: run a frozen model, time its exits, import arrays."""
