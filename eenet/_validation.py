@@ -1,25 +1,96 @@
-"""Small validators shared by the public entry points.
+"""Small shared pieces: the error types, ``check_*`` validators, atomic output files,
+seeding, devices and plain containers.
 
-Every check raises :class:`EenetError` (a ``ValueError``) with one line that
-names the argument, the bad value and what is allowed, so ``cli.py`` can show
-it to the user as is.
+Every check raises :class:`EenetError` with one line that names the argument,
+the bad value and what is allowed, so the command line can show it as is.
+Nothing here imports torch at module level (devices and seeding import it
+when called), so the cheap validators stay cheap.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import contextlib
+import errno
+import os
+import signal
+import threading
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+__all__ = [
+    "EenetError",
+    "CacheError",
+    "Interrupted",
+    "atomic_output",
+    "check_budget",
+    "check_choice",
+    "check_costs",
+    "check_finite",
+    "check_int",
+    "check_labels",
+    "check_number",
+    "parse_costs",
+    "plain",
+    "resolve_device",
+    "seeded",
+    "remove_stale_temporaries",
+    "terminate_on_signals",
+]
+
+#: relative slack when comparing a cost with a budget
+BUDGET_RTOL = 1e-9
+
 
 class EenetError(ValueError):
-    """A problem with the user's input, explained in one line."""
+    """A problem with the user's input or environment, explained in one line."""
 
 
 class CacheError(EenetError):
     """An exit cache that cannot be read or written; the message names the file and key."""
 
 
-def _check_budget(budget: float, costs: np.ndarray, *, unit: str = "") -> float:
+class Interrupted(BaseException):
+    """Raised when SIGTERM arrives, so ``finally`` blocks run and temporary files go.
+
+    Derives from ``BaseException`` like ``KeyboardInterrupt``: nothing that
+    catches ``Exception`` swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
+
+
+# ---------------------------------------------------------------------------
+# numbers, costs, labels
+# ---------------------------------------------------------------------------
+def check_int(name: str, value: Any, minimum: int = 0) -> int:
+    """``value`` as an int, refusing bools, floats and anything below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise EenetError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_number(name: str, value: Any, *, low: float = -np.inf, high: float = np.inf,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a finite float inside ``[low, high]`` (ends open as asked)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise EenetError(f"{name} must be a number, got {value!r}") from None
+    above = out > low if low_open else out >= low
+    below = out < high if high_open else out <= high
+    if not (np.isfinite(out) and above and below):
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise EenetError(f"{name} must be a finite number in {lo}{low:g}, {high:g}{hi}, "
+                         f"got {value!r}")
+    return out
+
+
+def check_budget(budget: Any, costs: np.ndarray, *, unit: str = "") -> float:
     """Check that ``budget`` is a finite number no lower than the cheapest exit.
 
     A budget above the last exit's cost is legal (the full model fits); the
@@ -32,18 +103,17 @@ def _check_budget(budget: float, costs: np.ndarray, *, unit: str = "") -> float:
     if not np.isfinite(budget) or budget <= 0:
         raise EenetError(f"budget must be a positive finite number, got {budget}")
     cheapest = float(np.min(costs))
-    if budget < cheapest * (1 - 1e-9):
+    if budget < cheapest * (1 - BUDGET_RTOL):
         suffix = f" {unit}" if unit else ""
         raise EenetError(
             f"budget {budget:g}{suffix} is below the cheapest exit's cost "
             f"{cheapest:g}{suffix}; choose a budget between {cheapest:g} and "
-            f"{float(np.max(costs)):g}{suffix}"
-        )
+            f"{float(np.max(costs)):g}{suffix}")
     return budget
 
 
-def _check_costs(costs: Sequence[float] | np.ndarray, n_exits: int | None = None,
-                 *, name: str = "costs") -> np.ndarray:
+def check_costs(costs: Sequence[float] | np.ndarray, n_exits: int | None = None,
+                *, name: str = "costs") -> np.ndarray:
     """Return ``costs`` as float64 [n_exits]; finite, non-negative, non-decreasing."""
     arr = np.asarray(costs, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0:
@@ -76,7 +146,26 @@ def parse_costs(text: str | Sequence[float] | None) -> np.ndarray | None:
         raise EenetError(f"costs must be numbers, got {text!r}") from None
 
 
-def _check_finite(name: str, arr: np.ndarray) -> None:
+def check_labels(labels: Any, n_samples: int, n_classes: int, *, where: str = "") -> np.ndarray:
+    """Labels as int64 [n_samples] in ``[0, n_classes)``; integral floats are accepted."""
+    labels = np.asarray(labels)
+    if labels.shape != (n_samples,):
+        raise EenetError(f"{where}labels must have shape ({n_samples},) to match the exit "
+                         f"outputs, got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        integral = (np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels))
+                    and np.all(labels == np.round(labels)))
+        if not integral:
+            raise EenetError(f"{where}labels must be integer class indices, got dtype "
+                             f"{labels.dtype}")
+    labels = labels.astype(np.int64, copy=False)
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise EenetError(f"{where}labels must lie in [0, {n_classes}) for {n_classes} "
+                         f"classes, got range [{labels.min()}, {labels.max()}]")
+    return labels
+
+
+def check_finite(name: str, arr: np.ndarray) -> None:
     """Raise if ``arr`` holds NaN or infinity, naming the first bad position."""
     bad = ~np.isfinite(arr)
     if bad.any():
@@ -85,7 +174,7 @@ def _check_finite(name: str, arr: np.ndarray) -> None:
                          f"(first at index {first}); remove or fix those samples")
 
 
-def _check_choice(name: str, value: str, choices: Iterable[str]) -> str:
+def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
     """Raise if ``value`` is not one of ``choices``, listing the valid ones."""
     choices = sorted(choices)
     if value not in choices:
@@ -93,14 +182,212 @@ def _check_choice(name: str, value: str, choices: Iterable[str]) -> str:
     return value
 
 
-def _check_fraction(name: str, value: float, *, low_open: bool = True,
-                    high_open: bool = True) -> float:
-    """Raise unless ``value`` lies in (0, 1) (or with closed ends as asked)."""
-    value = float(value)
-    low_ok = value > 0 if low_open else value >= 0
-    high_ok = value < 1 if high_open else value <= 1
-    if not (low_ok and high_ok and np.isfinite(value)):
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        raise EenetError(f"{name} must lie in {lo}0, 1{hi}, got {value}")
+def plain(value: Any) -> Any:
+    """NumPy scalars and arrays inside nested containers as plain Python values."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
     return value
+
+
+# ---------------------------------------------------------------------------
+# devices and seeds (torch imported on use)
+# ---------------------------------------------------------------------------
+def resolve_device(device: Any = "auto") -> Any:
+    """Turn ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:1"`` into a ``torch.device``.
+
+    Every command resolves ``--device`` through here, so a CUDA request on a
+    machine without CUDA gets the same one-line error everywhere.
+
+    Raises:
+        EenetError: an unknown name, or CUDA asked for but not available.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    import torch
+
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        name = str(device).strip().lower()
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise EenetError(f"unknown device {device!r}; choose one of: auto, cpu, "
+                             f"cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise EenetError(f"device {str(dev)!r} is not supported; choose one of: auto, cpu, "
+                         f"cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EenetError(f"device {str(dev)!r} asked for but CUDA is not available to torch "
+                         f"{torch.__version__}; use --device cpu or --device auto")
+    return dev
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: Any = "cpu", num_threads: int | None = None) -> Iterator[None]:
+    """Seed torch inside the block; restore the global RNG state and thread count after."""
+    import torch
+
+    dev = torch.device(device)
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    old_threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.manual_seed(seed)
+        try:
+            if num_threads is not None and num_threads != old_threads:
+                torch.set_num_threads(num_threads)
+            yield
+        finally:
+            if torch.get_num_threads() != old_threads:
+                torch.set_num_threads(old_threads)
+
+
+# ---------------------------------------------------------------------------
+# atomic outputs, interrupted runs
+# ---------------------------------------------------------------------------
+_LIVE_TEMPORARIES: set[Path] = set()
+_LIVE_LOCK = threading.Lock()
+_TMP_TAG = "eenet-tmp"
+
+
+def _temporary_name(path: Path) -> Path:
+    # The writer's pid is in the name, so a later run can tell a killed run's leftover
+    # (pid gone) from a file another live process is still writing.
+    return path.with_name(f".{path.name}.{_TMP_TAG}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that killed runs left next to ``path``; returns them.
+
+    A temporary belongs to ``path`` when it is named ``.NAME.eenet-tmp.PID.*``;
+    it is stale when process PID no longer exists (a run killed by SIGKILL or
+    a power cut, which no handler can clean up after). Each removal is
+    reported with a warning.
+    """
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for tmp in path.parent.glob(f".{path.name}.{_TMP_TAG}.*"):
+        try:
+            pid = int(tmp.name.split(f".{_TMP_TAG}.", 1)[1].split(".", 1)[0])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            size = tmp.stat().st_size
+            tmp.unlink()
+        except OSError:
+            continue
+        removed.append(tmp)
+        warnings.warn(f"removed {tmp} ({size / 2**20:.1f} MiB), left by an earlier run of "
+                      f"pid {pid} that was killed", stacklevel=2)
+    return removed
+
+
+def _describe_os_error(err: OSError, path: Path) -> str:
+    if err.errno == errno.ENOSPC:
+        return (f"{path}: no space left on device while writing; free some space or "
+                f"write to another disk")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{path}: cannot write here ({os.strerror(err.errno)}); choose another path"
+    return f"{path}: writing failed ({err.strerror or err})"
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a file under a temporary name next to ``path``; rename it when the block ends.
+
+    The block receives the temporary path and writes it completely. On any
+    exception, ``KeyboardInterrupt`` or :class:`Interrupted` the temporary is
+    deleted and nothing appears at ``path``; a file already at ``path`` is
+    only ever replaced whole (``os.replace``). Leftovers of killed runs are
+    removed first (:func:`remove_stale_temporaries`). An ``OSError`` while
+    writing (a full disk, say) becomes a one-line :class:`EenetError` that
+    names the path and the fix.
+
+    Raises:
+        EenetError: the directory does not exist, or writing failed.
+
+    Example:
+        >>> import tempfile, os
+        >>> target = os.path.join(tempfile.mkdtemp(), "table.csv")
+        >>> with atomic_output(target) as tmp:
+        ...     _ = tmp.write_text("a,b\\n")
+        >>> open(target).read()
+        'a,b\\n'
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise EenetError(f"{path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise EenetError(f"output directory {path.parent} does not exist; create it first "
+                         f"(mkdir -p {path.parent})")
+    remove_stale_temporaries(path)
+    tmp = _temporary_name(path)
+    with _LIVE_LOCK:
+        _LIVE_TEMPORARIES.add(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        if isinstance(err, EenetError):
+            raise
+        raise EenetError(_describe_os_error(err, path)) from err
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        with _LIVE_LOCK:
+            _LIVE_TEMPORARIES.discard(tmp)
+
+
+def live_temporaries() -> list[Path]:
+    """Temporary files this process is writing right now (for tests and handlers)."""
+    with _LIVE_LOCK:
+        return sorted(_LIVE_TEMPORARIES)
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def terminate_on_signals(signals: Sequence[int] = (signal.SIGTERM,)) -> Iterator[None]:
+    """Turn ``signals`` into :class:`Interrupted` inside the block (main thread only).
+
+    The exception unwinds the stack like Ctrl-C does, so every
+    :func:`atomic_output` block deletes its temporary file; the command line
+    then exits with 128 + the signal number.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, _raise_interrupted) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-from eenet._validation import EenetError, _check_budget, _check_costs
+from eenet._validation import EenetError, check_budget, check_costs
 from eenet.calibrate import _BUDGET_RTOL, _as_correct, _check_guard_args, _guard
 from eenet.features import max_prob, one_minus_entropy
 
@@ -115,8 +115,8 @@ class _FixedScorer:
         if labels.shape != (probs.shape[0],):
             raise EenetError(f"labels must have shape ({probs.shape[0]},) to match probs, "
                              f"got {labels.shape}")
-        costs = _check_costs(costs, probs.shape[1])
-        _check_budget(budget, costs)
+        costs = check_costs(costs, probs.shape[1])
+        check_budget(budget, costs)
         return self
 
     def exit_distribution(self) -> None:
@@ -361,8 +361,8 @@ def calibrate_patience(preds: np.ndarray, costs: np.ndarray, budget: float, *, s
     """
     preds = _check_preds(preds)
     n, k_exits = preds.shape
-    costs = _check_costs(costs, k_exits)
-    budget = _check_budget(budget, costs)
+    costs = check_costs(costs, k_exits)
+    budget = check_budget(budget, costs)
     if correct is not None:
         correct = _as_correct(correct, preds.shape)
     target, info = budget, None
@@ -405,8 +405,8 @@ def static_exit(costs: np.ndarray, budget: float) -> int:
         >>> static_exit(np.array([1.0, 2.0, 3.0]), 2.5)
         1
     """
-    costs = _check_costs(costs)
-    budget = _check_budget(budget, costs)
+    costs = check_costs(costs)
+    budget = check_budget(budget, costs)
     return int(np.flatnonzero(costs <= budget * (1 + _BUDGET_RTOL)).max())
 
 
@@ -466,8 +466,8 @@ def oracle_exits(correct: np.ndarray, costs: np.ndarray, budget: float) -> np.nd
         raise EenetError(f"correct must have shape [n_samples, n_exits], got {correct.shape}")
     correct = _as_correct(correct, correct.shape)
     n, k_exits = correct.shape
-    costs = _check_costs(costs, k_exits)
-    budget = _check_budget(budget, costs)
+    costs = check_costs(costs, k_exits)
+    budget = check_budget(budget, costs)
     exits = np.zeros(n, dtype=np.int64)
     any_right = correct.any(axis=1)
     cheapest = np.argmax(correct, axis=1)  # first correct exit = cheapest (costs ascend)

@@ -44,7 +44,7 @@ import h5py
 import numpy as np
 
 from eenet import __version__
-from eenet._validation import CacheError, EenetError, _check_costs
+from eenet._validation import CacheError, EenetError, check_costs
 from eenet.metrics import exit_accuracy, oracle_accuracy
 
 FORMAT_NAME = "eenet-exit-cache"
@@ -129,14 +129,14 @@ class ExitCache:
         if labels.min() < 0 or labels.max() >= c:
             raise EenetError(f"{where}labels must lie in [0, {c}) for {c} classes, got range "
                              f"[{labels.min()}, {labels.max()}]")
-        costs = _check_costs(self.costs, k, name=f"{where}costs")
+        costs = check_costs(self.costs, k, name=f"{where}costs")
         names = tuple(str(s) for s in self.exit_names) or tuple(f"exit{i}" for i in range(k))
         if len(names) != k:
             raise EenetError(f"{where}exit_names has {len(names)} names for {k} exits")
         if self.logits_kind not in ("logits", "log_probs"):
             raise EenetError(f"{where}logits_kind must be 'logits' or 'log_probs', "
                              f"got {self.logits_kind!r}")
-        extra = {str(key): _check_costs(v, k, name=f"{where}{key}")
+        extra = {str(key): check_costs(v, k, name=f"{where}{key}")
                  for key, v in dict(self.extra_costs).items()}
         ids = None if self.sample_ids is None else np.asarray(self.sample_ids, dtype=np.int64)
         if ids is not None and ids.shape != (n,):
@@ -394,9 +394,9 @@ class CacheWriter:
                   extra: Mapping[str, Sequence[float]] | None = None) -> None:
         """Record the chosen cumulative cost vector and every other one computed."""
         self._costs = {
-            "costs": _check_costs(costs, self.n_exits, name=f"{self.path}: costs"),
+            "costs": check_costs(costs, self.n_exits, name=f"{self.path}: costs"),
             "cost_unit": str(cost_unit), "cost_source": str(cost_source),
-            "extra": {k: _check_costs(v, self.n_exits, name=f"{self.path}: {k}")
+            "extra": {k: check_costs(v, self.n_exits, name=f"{self.path}: {k}")
                       for k, v in dict(extra or {}).items()},
         }
 

@@ -39,7 +39,7 @@ import scipy.optimize
 import scipy.special
 import scipy.stats
 
-from eenet._validation import EenetError, _check_budget, _check_choice, _check_costs, _check_finite
+from eenet._validation import EenetError, check_budget, check_choice, check_costs, check_finite
 from eenet.metrics import exit_fractions
 
 __all__ = [
@@ -69,7 +69,7 @@ def _as_scores(scores: Any, name: str = "scores") -> np.ndarray:
     arr = np.asarray(scores, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[1] == 0:
         raise EenetError(f"{name} must have shape [n_samples, n_exits], got shape {arr.shape}")
-    _check_finite(name, arr)
+    check_finite(name, arr)
     return arr
 
 
@@ -249,8 +249,8 @@ def geometric_fractions(costs: np.ndarray, budget: float) -> np.ndarray:
         >>> bool(np.isclose(p @ [1.0, 2.0, 3.0], 2.0)), p.round(3).tolist()
         (True, [0.333, 0.333, 0.333])
     """
-    costs = _check_costs(costs)
-    budget = _check_budget(budget, costs)
+    costs = check_costs(costs)
+    budget = check_budget(budget, costs)
     k_exits = costs.size
     out = np.zeros(k_exits)
     if budget >= costs[-1] * (1 - 1e-15):
@@ -315,9 +315,9 @@ def tilt_fractions(fractions: np.ndarray, costs: np.ndarray, budget: float) -> n
         >>> round(float(f @ [1.0, 2.0, 4.0]), 9)
         2.0
     """
-    costs = _check_costs(costs)
+    costs = check_costs(costs)
     fractions = _as_fractions(fractions, costs.size)
-    budget = _check_budget(budget, costs)
+    budget = check_budget(budget, costs)
     support = fractions > 0
     lo_cost, hi_cost = float(costs[support].min()), float(costs[support].max())
     if costs[-1] <= 0 or hi_cost - lo_cost <= 0:
@@ -628,8 +628,8 @@ def search_thresholds(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray
     """
     scores = _as_scores(scores)
     correct = _as_correct(correct, scores.shape)
-    costs = _check_costs(costs, scores.shape[1])
-    budget = _check_budget(budget, costs)
+    costs = check_costs(costs, scores.shape[1])
+    budget = check_budget(budget, costs)
     n, k_exits = scores.shape
     if k_exits == 1:
         return np.array([-np.inf])
@@ -791,8 +791,8 @@ def guard_target(scores: np.ndarray, correct: np.ndarray | None, costs: np.ndarr
     Raises:
         EenetError: invalid costs, budget, ``n_boot`` or ``level``.
     """
-    costs = _check_costs(costs)
-    budget = _check_budget(budget, costs)
+    costs = check_costs(costs)
+    budget = check_budget(budget, costs)
     _check_guard_args(n_boot, level)
     scores = np.asarray(scores)
     info = _guard(scores, correct, costs, budget, thresholds_fn,
@@ -998,9 +998,9 @@ def calibrate(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, budget
     scores = _as_scores(scores)
     n, k_exits = scores.shape
     correct = _as_correct(correct, scores.shape)
-    costs = _check_costs(costs, k_exits)
-    budget = _check_budget(budget, costs)
-    _check_choice("calibration mode", mode, MODES)
+    costs = check_costs(costs, k_exits)
+    budget = check_budget(budget, costs)
+    check_choice("calibration mode", mode, MODES)
     if guard:
         _check_guard_args(n_boot, level)
     if mode == "assignment":

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from eenet import __version__
-from eenet._validation import EenetError, _check_budget, _check_choice
+from eenet._validation import EenetError, check_budget, check_choice
 from eenet.baselines import SCORERS, apply_patience, calibrate_patience, canonical_method, \
     oracle_exits, static_exit
 from eenet.cache import ExitCache
@@ -115,7 +115,7 @@ class ExitPolicy:
                  **hparams: Any) -> None:
         self.method = resolve_method(method)
         self.calibration = calibration or DEFAULT_CALIBRATION[self.method]
-        _check_choice(f"calibration for {self.method}", self.calibration,
+        check_choice(f"calibration for {self.method}", self.calibration,
                       _MODES_FOR[self.method])
         self.guard = bool(guard)
         self.seed = int(seed)
@@ -146,7 +146,7 @@ class ExitPolicy:
     def fit(self, cache: ExitCache, budget: float, *, verbose: bool = False) -> "ExitPolicy":
         """Fit the scorer on ``cache`` and calibrate thresholds for ``budget``; returns self."""
         _check_exits(cache)
-        budget = _check_budget(budget, cache.costs, unit=cache.cost_unit)
+        budget = check_budget(budget, cache.costs, unit=cache.cost_unit)
         self.reference = {"n_exits": cache.n_exits, "n_classes": cache.n_classes,
                           "cost_unit": cache.cost_unit, "model": cache.model,
                           "dataset": cache.dataset,
@@ -171,14 +171,14 @@ class ExitPolicy:
         self._require("calibrate", fitted_scorer=True)
         self._check_compatible(cache)
         if mode is not None:
-            _check_choice(f"calibration for {self.method}", mode, _MODES_FOR[self.method])
+            check_choice(f"calibration for {self.method}", mode, _MODES_FOR[self.method])
             self.calibration = mode
         if guard is not None:
             self.guard = bool(guard)
         budget = self.budget if budget is None else budget
         if budget is None:
             raise EenetError("no budget: pass one to calibrate()")
-        budget = _check_budget(budget, cache.costs, unit=cache.cost_unit)
+        budget = check_budget(budget, cache.costs, unit=cache.cost_unit)
         self._calibrate(cache, budget, cache.probs() if self.scorer is not None else None)
         return self
 
@@ -373,7 +373,7 @@ def _check_exits(cache: ExitCache) -> None:
 
 def evaluate_oracle(cache: ExitCache, budget: float) -> EvalResult:
     """The label-aware upper bound at ``budget`` (not a deployable policy)."""
-    budget = _check_budget(budget, cache.costs, unit=cache.cost_unit)
+    budget = check_budget(budget, cache.costs, unit=cache.cost_unit)
     exits = oracle_exits(cache.correct(), cache.costs, budget)
     return evaluate_exits(exits, cache.correct(), cache.costs, method="oracle", budget=budget,
                           cost_unit=cache.cost_unit)

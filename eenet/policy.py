@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from eenet._validation import EenetError, _check_budget, _check_choice, _check_costs
+from eenet._validation import EenetError, check_budget, check_choice, check_costs
 from eenet.features import N_AGREEMENT_FEATURES, N_CONFIDENCE_FEATURES, _check_probs, \
     agreement_features, confidence_features, top_probs
 from eenet.losses import SCORE_TARGETS, assignment_loss, assignment_targets, budget_loss, \
@@ -365,12 +365,12 @@ class EENetScorer:
         self.patience = _positive_int("patience", patience)
         self.tol = _non_negative("tol", tol)
         self.alternate = bool(alternate)
-        self.prob_features = _check_choice("prob_features", prob_features,
+        self.prob_features = check_choice("prob_features", prob_features,
                                            ("auto", "full", "top"))
         self.top_m = _positive_int("top_m", top_m)
         self.detach_weights = bool(detach_weights)
-        self.target = _check_choice("target", target, SCORE_TARGETS)
-        self.features = _check_choice("features", features, ("paper", "agreement"))
+        self.target = check_choice("target", target, SCORE_TARGETS)
+        self.features = check_choice("features", features, ("paper", "agreement"))
         try:
             self.device = str(torch.device(device))
         except (RuntimeError, TypeError):
@@ -472,8 +472,8 @@ class EENetScorer:
         if n == 0:
             raise EenetError("probs has no samples; fit needs at least one")
         labels = _check_labels(labels, n, c)
-        costs = _check_costs(costs, k)
-        budget = _check_budget(budget, costs)
+        costs = check_costs(costs, k)
+        budget = check_budget(budget, costs)
         seed = _positive_int("seed", seed, minimum=0)
 
         start = time.perf_counter()

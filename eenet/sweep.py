@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from eenet._validation import EenetError, _check_budget
+from eenet._validation import EenetError, check_budget
 from eenet.cache import ExitCache
 from eenet.exit_policy import LEARNED, ExitPolicy, evaluate_oracle, resolve_method
 
@@ -93,11 +93,11 @@ def parse_method_spec(spec: str) -> tuple[str, str | None, str]:
     calib = calib.strip() or None
     if calib is not None:
         from eenet.exit_policy import _MODES_FOR
-        from eenet._validation import _check_choice
+        from eenet._validation import check_choice
 
         if name == "oracle":
             raise EenetError("the oracle has no calibration; write it as 'oracle'")
-        _check_choice(f"calibration for {name}", calib, _MODES_FOR[name])
+        check_choice(f"calibration for {name}", calib, _MODES_FOR[name])
     return name, calib, name if calib is None else f"{name}:{calib}"
 
 
@@ -187,7 +187,7 @@ def run_sweep(val: ExitCache, test: ExitCache, *, budgets: Sequence[float] | Non
         name, calib, label = parse_method_spec(m)
         specs.setdefault(label, (name, calib or _calibration_for(name, calibration)))
     budgets = default_budgets(val, n_budgets) if budgets is None else np.asarray(
-        [_check_budget(b, val.costs, unit=val.cost_unit) for b in budgets], dtype=float)
+        [check_budget(b, val.costs, unit=val.cost_unit) for b in budgets], dtype=float)
     tasks = [(m, float(b), int(s), calib, hparams, label)
              for label, (m, calib) in specs.items() for b in budgets for s in seeds]
     # learned scores and searched thresholds are the slow cells: start them first so the

@@ -1,14 +1,18 @@
-"""The ``eenet`` command line: cache, import, info, fit, calibrate, evaluate, sweep, quickstart.
+"""The ``eenet`` command line (the only part of eenet that imports click).
 
-Each command parses its options, calls one library function, writes its
-output and echoes a one-line summary. eenet's errors reach the user as one
-line on stderr with a non-zero exit code, never as a traceback.
+The group and the plumbing live here; the commands, by pipeline stage, in
+:mod:`eenet.cli.ingest` (cache, import, info), :mod:`eenet.cli.policy` (fit,
+calibrate, evaluate) and :mod:`eenet.cli.sweep` (sweep, quickstart). Each
+command parses its options, calls one library function, writes its output and
+echoes a one-line summary. Exit codes: 0 success, 1 an error (one line on
+stderr), 2 a usage error, 130 Ctrl-C, 143 SIGTERM.
 """
 from __future__ import annotations
 
 import functools
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -22,53 +26,85 @@ DEFAULT_CACHE_DIR = Path("cache")
 
 
 # ---------------------------------------------------------------------------
-# plumbing
+# plumbing shared by the command modules
 # ---------------------------------------------------------------------------
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     return f"warning: {message}\n"
 
 
-def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn eenet's and the OS's errors into one-line ClickExceptions."""
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command with eenet's error contract.
+
+    eenet's own errors (:class:`~eenet._validation.EenetError`) and the
+    operating system's (``OSError``: a full disk, a missing permission) reach
+    the user as one line and exit code 1; anything else is a bug in eenet and
+    keeps its traceback. ``--debug`` shows the traceback for every error.
+    Ctrl-C exits 130 and SIGTERM 143, after every temporary file has been
+    removed; a closed pipe (``eenet info x.h5 | head -1``) ends quietly.
+    Each distinct warning is printed once, as one line on stderr.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from eenet._validation import EenetError
+        from eenet._validation import EenetError, Interrupted, terminate_on_signals
 
+        ctx = click.get_current_context()
+        debug = bool((ctx.obj or {}).get("debug"))
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught, terminate_on_signals():
                 warnings.simplefilter("always")
                 try:
                     return fn(*args, **kwargs)
                 finally:
-                    seen = set()
-                    for w in caught:
-                        text = str(w.message)
-                        if text not in seen:
-                            seen.add(text)
-                            click.echo(f"warning: {text}", err=True)
+                    for text in dict.fromkeys(str(w.message) for w in caught):
+                        click.echo(f"warning: {text}", err=True)
         except click.ClickException:
             raise
-        except (EenetError, ValueError, OSError, KeyError, RuntimeError) as err:
-            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        except BrokenPipeError:
+            # The reader went away (`| head`); say nothing more and keep Python from
+            # complaining about the closed stdout at exit.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(141)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written", err=True)
+            ctx.exit(130)
+        except Interrupted as sig:
+            click.echo(f"terminated by signal {sig.signum}; nothing was written", err=True)
+            ctx.exit(128 + sig.signum)
+        except (EenetError, OSError) as err:
+            if debug:
+                raise
+            text = _first_line(err)
             if not isinstance(err, EenetError):
                 text = f"{type(err).__name__}: {text}"
             raise click.ClickException(text) from None
         except MemoryError:
+            if debug:
+                raise
             raise click.ClickException("out of memory; use a smaller --batch-size or "
                                        "--limit, or a machine with more memory") from None
 
     return wrapper
 
 
-def _out_path(path: Path) -> Path:
+def check_out_dir(path: Path) -> Path:
+    """Fail before any work when the output's directory is missing."""
     if not path.parent.is_dir():
         raise click.ClickException(f"output directory {path.parent} does not exist; "
                                    f"create it first (mkdir -p {path.parent})")
+    if path.is_dir():
+        raise click.ClickException(f"{path} is a directory; give a file name")
     return path
 
 
-def _parse_floats(text: str | None, name: str) -> list[float] | None:
+def parse_floats(text: str | None, name: str) -> list[float] | None:
+    """``"1,2.5,3"`` -> floats; duplicates removed, order kept."""
     if text is None:
         return None
     try:
@@ -78,21 +114,27 @@ def _parse_floats(text: str | None, name: str) -> list[float] | None:
                                  param_hint=name) from None
     if not values:
         raise click.BadParameter("give at least one number", param_hint=name)
-    return values
+    return list(dict.fromkeys(values))
 
 
-def _parse_names(text: str | None) -> list[str] | None:
+def parse_names(text: str | None) -> list[str] | None:
+    """``"a, b,a"`` -> ``["a", "b"]`` (duplicates removed, order kept)."""
     if text is None:
         return None
-    return [v.strip() for v in text.split(",") if v.strip()]
+    return list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
 
 
-def _seed(ctx: click.Context, seed: int | None) -> int:
+def command_seed(ctx: click.Context, seed: int | None) -> int:
+    """A command's ``--seed``, or the group's."""
     return int(seed) if seed is not None else int(ctx.obj["seed"])
 
 
-def _echo_json(obj: Any) -> None:
+def echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, allow_nan=True, default=float))
+
+
+def fmt_costs(costs: Any) -> str:
+    return "[" + ", ".join(f"{float(c):.4g}" for c in costs) + "]"
 
 
 class _Group(click.Group):
@@ -110,8 +152,10 @@ class _Group(click.Group):
               show_default=True, help="Where to run networks (cache) and EENet training.")
 @click.option("-v", "--verbose", is_flag=True, help="Progress bars and debug logging on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("--debug", is_flag=True, help="Show the full traceback of every error.")
 @click.pass_context
-def main(ctx: click.Context, seed: int, device: str, verbose: bool, quiet: bool) -> None:
+def main(ctx: click.Context, seed: int, device: str, verbose: bool, quiet: bool,
+         debug: bool) -> None:
     """Learn and compare exit policies for frozen multi-exit networks under a latency budget.
 
     \b
@@ -125,7 +169,15 @@ def main(ctx: click.Context, seed: int, device: str, verbose: bool, quiet: bool)
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     warnings.formatwarning = _one_line_warning
     ctx.ensure_object(dict)
-    ctx.obj.update(seed=seed, device=device, progress=not quiet, verbose=verbose)
+    ctx.obj.update(seed=seed, device=device, progress=not quiet, debug=debug)
+    if device != "auto":
+        # Resolved here so every command refuses an unavailable device the same way.
+        from eenet._validation import EenetError, resolve_device
+
+        try:
+            resolve_device(device)
+        except EenetError as err:
+            raise click.ClickException(str(err)) from None
 
 
 

@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from eenet.cli import _echo_json, _friendly, _out_path, _parse_floats, _parse_names, main
+from eenet.cli import (check_out_dir, echo_json, fmt_costs, handle_errors, main, parse_floats,
+                       parse_names)
 
 
 # ---------------------------------------------------------------------------
@@ -44,7 +45,7 @@ from eenet.cli import _echo_json, _friendly, _out_path, _parse_floats, _parse_na
 @click.option("--no-timing", is_flag=True, help="With flops or given --costs, skip timing the "
                                                 "exits (their latencies are not stored).")
 @click.pass_context
-@_friendly
+@handle_errors
 def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: str,
           data_dir: Path | None, out: Path, split: str | None, device: str | None,
           batch_size: int, num_workers: int, limit: int | None, costs: str, cost_unit: str,
@@ -53,17 +54,17 @@ def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: 
     from eenet.ingest.model import cache_model
     from eenet.cache import read_cache
 
-    _out_path(out)
-    cost_spec: Any = costs if costs in ("measured", "flops") else _parse_floats(costs, "--costs")
+    check_out_dir(out)
+    cost_spec: Any = costs if costs in ("measured", "flops") else parse_floats(costs, "--costs")
     path = cache_model(model_spec, data_spec, out, weights=weights, data_dir=data_dir,
                        split=split, device=device or ctx.obj["device"], batch_size=batch_size,
                        num_workers=num_workers, limit=limit, costs=cost_spec,
                        cost_unit_given=cost_unit, dtype=dtype,
-                       exit_modules=_parse_names(exit_modules), verbose=ctx.obj["progress"],
+                       exit_modules=parse_names(exit_modules), verbose=ctx.obj["progress"],
                        seed=ctx.obj["seed"], autocast=autocast, time_exits=not no_timing)
     c = read_cache(path)
     click.echo(f"wrote {path}: {c.n_samples} samples x {c.n_exits} exits x {c.n_classes} "
-               f"classes, costs {_fmt_costs(c.costs)} {c.cost_unit} ({c.cost_source})")
+               f"classes, costs {fmt_costs(c.costs)} {c.cost_unit} ({c.cost_source})")
 
 
 @main.command("import", epilog="Example: eenet import val_logits.npz --out cache/val.h5 "
@@ -82,37 +83,34 @@ def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: 
 @click.option("--model", default="", help="Model name to record.")
 @click.option("--dataset", default="", help="Dataset name to record.")
 @click.option("--split", default="", help="Split name to record.")
-@_friendly
+@handle_errors
 def import_(src: Path, out: Path, labels: Path | None, costs: str | None, cost_unit: str,
             layout: str, probs: bool, dtype: str, model: str, dataset: str, split: str) -> None:
     """Turn logits or probabilities you already have into an exit cache."""
     from eenet.ingest.arrays import import_exit_outputs
 
-    _out_path(out)
+    check_out_dir(out)
     c = import_exit_outputs(src, out, dtype=dtype, labels=labels,
-                            costs=_parse_floats(costs, "--costs"), cost_unit=cost_unit,
+                            costs=parse_floats(costs, "--costs"), cost_unit=cost_unit,
                             layout=layout, probs=probs, model=model, dataset=dataset,
                             split=split)
     click.echo(f"wrote {out}: {c.n_samples} samples x {c.n_exits} exits x {c.n_classes} "
-               f"classes, costs {_fmt_costs(c.costs)} {c.cost_unit}")
+               f"classes, costs {fmt_costs(c.costs)} {c.cost_unit}")
 
-
-def _fmt_costs(costs: Any) -> str:
-    return "[" + ", ".join(f"{float(c):.4g}" for c in costs) + "]"
 
 
 @main.command(epilog="Example: eenet info cache/fmnist_val.h5 --json")
 @click.argument("cache_path", metavar="CACHE",
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@_friendly
+@handle_errors
 def info(cache_path: Path, as_json: bool) -> None:
     """Summarise an exit cache: sizes, costs, per-exit and oracle accuracy."""
     from eenet.cache import read_cache
 
     s = read_cache(cache_path).summary()
     if as_json:
-        _echo_json(s)
+        echo_json(s)
         return
     click.echo(f"{s['path']}")
     click.echo(f"  model {s['model'] or '-'}   dataset {s['dataset'] or '-'}   "

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from eenet.cli import _echo_json, _friendly, _out_path, _seed, main
+from eenet.cli import check_out_dir, command_seed, echo_json, handle_errors, main
 import warnings
 
 
@@ -49,7 +49,7 @@ def _read_split(path: Path, holdout: float | None, seed: int, part: str):
 @click.option("--alpha-budget", type=click.FloatRange(0), help="EENet: weight of the "
                                                                "budget loss.")
 @click.pass_context
-@_friendly
+@handle_errors
 def fit(ctx: click.Context, val: Path, budget: float, out: Path, method: str,
         calibration: str, no_guard: bool, holdout: float | None, seed: int | None,
         epochs: int | None, lr: float | None, hidden: int | None, alpha_ce: float | None,
@@ -57,8 +57,8 @@ def fit(ctx: click.Context, val: Path, budget: float, out: Path, method: str,
     """Fit an exit policy on a validation cache and calibrate it to the budget."""
     from eenet.exit_policy import ExitPolicy
 
-    _out_path(out)
-    seed = _seed(ctx, seed)
+    check_out_dir(out)
+    seed = command_seed(ctx, seed)
     hparams = {k: v for k, v in dict(epochs=epochs, lr=lr, hidden=hidden, alpha_ce=alpha_ce,
                                      alpha_budget=alpha_budget).items() if v is not None}
     cache_ = _read_split(val, holdout, seed, "fit")
@@ -81,14 +81,14 @@ def fit(ctx: click.Context, val: Path, budget: float, out: Path, method: str,
 @click.option("--no-guard", is_flag=True, help="Calibrate against B itself.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write (default: overwrite POLICY).")
-@_friendly
+@handle_errors
 def calibrate(policy_path: Path, val: Path, budget: float | None, mode: str, no_guard: bool,
               out: Path | None) -> None:
     """Recompute a policy's thresholds on a cache, for its budget or a new one."""
     from eenet.cache import read_cache
     from eenet.exit_policy import ExitPolicy
 
-    out = _out_path(out or policy_path)
+    out = check_out_dir(out or policy_path)
     policy = ExitPolicy.load(policy_path)
     policy.calibrate(read_cache(val), budget, mode=None if mode == "default" else mode,
                      guard=False if no_guard else None)
@@ -104,7 +104,7 @@ def calibrate(policy_path: Path, val: Path, budget: float | None, mode: str, no_
               help="Evaluate on the held-out share of TEST (as split by `fit --holdout`).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
-@_friendly
+@handle_errors
 def evaluate(ctx: click.Context, policy_path: Path, test: Path, holdout: float | None,
              as_json: bool) -> None:
     """Apply a policy to a held-out cache: accuracy, realized cost, exit distribution."""
@@ -119,7 +119,7 @@ def evaluate(ctx: click.Context, policy_path: Path, test: Path, holdout: float |
     cache_ = _read_split(test, holdout, int(policy.seed), "held")
     result = policy.evaluate(cache_)
     if as_json:
-        _echo_json(result.to_json())
+        echo_json(result.to_json())
         return
     click.echo(result.format_table())
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from eenet.cli import DEFAULT_CACHE_DIR, _friendly, _out_path, _parse_floats, _parse_names, main
+from eenet.cli import (DEFAULT_CACHE_DIR, check_out_dir, handle_errors, main, parse_floats,
+                       parse_names)
 
 from eenet.cli.policy import _CALIBRATIONS, _read_split
 
@@ -35,16 +36,16 @@ from eenet.cli.policy import _CALIBRATIONS, _read_split
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Also draw accuracy vs cost to this PNG.")
 @click.pass_context
-@_friendly
+@handle_errors
 def sweep(ctx: click.Context, val: Path, test: Path | None, budgets: str | None,
           n_budgets: int, methods: str, calibration: str, seeds: int, holdout: float | None,
           jobs: int | None, out: Path, plot: Path | None) -> None:
     """Many budgets x many methods: an accuracy-vs-cost CSV, a plot and a summary table."""
     from eenet.sweep import format_summary, plot_sweep, run_sweep
 
-    _out_path(out)
+    check_out_dir(out)
     if plot is not None:
-        _out_path(plot)
+        check_out_dir(plot)
     seed = ctx.obj["seed"]
     if test is None and holdout is None:
         raise click.UsageError("give a TEST cache, or --holdout to split VAL")
@@ -52,8 +53,8 @@ def sweep(ctx: click.Context, val: Path, test: Path | None, budgets: str | None,
         raise click.UsageError("give either a TEST cache or --holdout, not both")
     val_cache = _read_split(val, holdout, seed, "fit")
     test_cache = _read_split(test or val, holdout, seed, "held")
-    table = run_sweep(val_cache, test_cache, budgets=_parse_floats(budgets, "--budgets"),
-                      n_budgets=n_budgets, methods=_parse_names(methods),
+    table = run_sweep(val_cache, test_cache, budgets=parse_floats(budgets, "--budgets"),
+                      n_budgets=n_budgets, methods=parse_names(methods),
                       calibration=None if calibration == "default" else calibration,
                       seeds=[seed + i for i in range(seeds)], jobs=jobs,
                       verbose=ctx.obj["progress"])
@@ -76,14 +77,14 @@ def sweep(ctx: click.Context, val: Path, test: Path | None, budgets: str | None,
               show_default=True)
 @click.option("--force", is_flag=True, help="Rebuild the caches even if present.")
 @click.pass_context
-@_friendly
+@handle_errors
 def quickstart(ctx: click.Context, cache_dir: Path, results_dir: Path, data_dir: Path | None,
                n_budgets: int, methods: str, force: bool) -> None:
     """The whole pipeline on the bundled Fashion-MNIST example, in a few minutes."""
     from eenet.sweep import run_quickstart
 
     summary = run_quickstart(cache_dir=cache_dir, results_dir=results_dir, data_dir=data_dir,
-                             n_budgets=n_budgets, methods=_parse_names(methods), force=force,
+                             n_budgets=n_budgets, methods=parse_names(methods), force=force,
                              seed=ctx.obj["seed"], device=ctx.obj["device"],
                              verbose=ctx.obj["progress"], echo=click.echo)
     click.echo(summary)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from eenet._validation import EenetError, _check_choice
+from eenet._validation import EenetError, check_choice
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 ENV_VAR = "EENET_FASHION_MNIST_DIR"
@@ -106,7 +106,7 @@ def load_arrays(split: Split, data_dir: str | os.PathLike | None = None
     Returns:
         ``images`` uint8 [n_samples, 28, 28] and ``labels`` int64 [n_samples].
     """
-    _check_choice("Fashion-MNIST split", split, SPLITS)
+    check_choice("Fashion-MNIST split", split, SPLITS)
     where = data_directory(data_dir)
     image_file, label_file = _FILES["test" if split == "test" else "train"]
     images = _read_idx(where / image_file, 3)

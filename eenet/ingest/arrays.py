@@ -21,7 +21,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from eenet._validation import EenetError, _check_costs, parse_costs
+from eenet._validation import EenetError, check_costs, parse_costs
 from eenet.cache import ExitCache, write_cache
 
 Layout = Literal["nkc", "knc"]
@@ -175,7 +175,7 @@ def load_exit_outputs(src: str | os.PathLike, *, labels: str | os.PathLike | Non
     if cost_arr is None:
         raise EenetError(f"{src}: no per-exit costs; pass --costs c1,c2,... "
                          f"({array.shape[1]} cumulative values in {cost_unit})")
-    cost_arr = _check_costs(cost_arr, array.shape[1])
+    cost_arr = check_costs(cost_arr, array.shape[1])
 
     kind = "logits"
     if probs:

@@ -47,7 +47,7 @@ from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from eenet._validation import CacheError, EenetError, _check_choice, _check_costs, parse_costs
+from eenet._validation import CacheError, EenetError, check_choice, check_costs, parse_costs
 from eenet.cache import CacheWriter
 
 logger = logging.getLogger(__name__)
@@ -697,7 +697,7 @@ class CostReport:
             ``(latency_ms_batch1, "ms", "measured")``, ``flops`` gives
             ``(flops, "flops", "flops")``.
         """
-        _check_choice("cost kind", kind, ("measured", "flops"))
+        check_choice("cost kind", kind, ("measured", "flops"))
         if kind == "flops":
             return self.flops, "flops", "flops"
         if self.latency_ms_batch1 is None:
@@ -1027,7 +1027,7 @@ def _parse_costs(costs: str | Sequence[float]) -> tuple[str, np.ndarray | None]:
     """``"measured"``/``"flops"``, or explicit numbers (a sequence or ``"1,2.5,4"``)."""
     if isinstance(costs, str) and costs.strip().lower() in ("measured", "flops"):
         return costs.strip().lower(), None
-    return "given", _check_costs(parse_costs(costs), name="costs")
+    return "given", check_costs(parse_costs(costs), name="costs")
 
 
 def _example_batch(dataset: Dataset, n: int, spec: str) -> Any:
@@ -1116,7 +1116,7 @@ def cache_model(model_spec: str, data_spec: str, out: str | os.PathLike, *,
     """
     out = Path(out)
     kind, given = _parse_costs(costs)
-    _check_choice("dtype", dtype, ("float32", "float16"))
+    check_choice("dtype", dtype, ("float32", "float16"))
     batch_size = _check_int("batch_size", batch_size, 1)
     _check_int("num_workers", num_workers, 0)
     if limit is not None:

@@ -1,0 +1,1 @@
+"""Scores -> one exit per sample under a budget."""

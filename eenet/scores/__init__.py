@@ -1,0 +1,1 @@
+"""Exit caches -> [n_samples, n_exits] readiness scores."""
