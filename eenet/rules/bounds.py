@@ -110,6 +110,11 @@ def _unit_samples(x: Any, low: float, high: float, name: str = "x") -> np.ndarra
     return z.reshape(-1, arr.shape[-1])  # [n_rows, n_samples]
 
 
+def _to_range(unit: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map bounds on the [0, 1] scale back; 1 becomes ``high`` exactly, despite rounding."""
+    return np.where(unit >= 1.0, high, low + (high - low) * unit)
+
+
 def _shaped(values: np.ndarray, x_ndim: int) -> Any:
     """One value per row, or a float for 1-D input."""
     return float(values[0]) if x_ndim == 1 else values
@@ -160,7 +165,7 @@ def hoeffding_ucb(x: Any, delta: float, *, low: float = 0.0, high: float = 1.0) 
         out = np.ones(z.shape[0])
     else:
         out = np.minimum(z.mean(axis=1) + math.sqrt(math.log(1 / delta) / (2 * n)), 1.0)
-    return _shaped(low + (high - low) * out, np.ndim(x))
+    return _shaped(_to_range(out, low, high), np.ndim(x))
 
 
 def hoeffding_pvalue(x: Any, alpha: float, *, low: float = 0.0, high: float = 1.0) -> Any:
@@ -309,7 +314,7 @@ def hb_ucb(x: Any, delta: float, *, low: float = 0.0, high: float = 1.0) -> Any:
     z = _unit_samples(x, low, high)
     n = z.shape[1]
     out = np.array([_hb_unit_ucb(float(t), n, delta) for t in z.sum(axis=1)])
-    return _shaped(low + (high - low) * out, np.ndim(x))
+    return _shaped(_to_range(out, low, high), np.ndim(x))
 
 
 # ---------------------------------------------------------------------------
@@ -476,7 +481,7 @@ def wsr_ucb(x: Any, delta: float, *, low: float = 0.0, high: float = 1.0,
         rejected = _wsr_log_capital(z, bets, mid) >= threshold
         hi = np.where(rejected, mid, hi)
         lo = np.where(rejected, lo, mid)
-    return _shaped(low + (high - low) * hi, np.ndim(x))
+    return _shaped(_to_range(hi, low, high), np.ndim(x))
 
 
 # ---------------------------------------------------------------------------
