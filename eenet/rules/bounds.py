@@ -107,7 +107,7 @@ def _unit_samples(x: Any, low: float, high: float, name: str = "x") -> np.ndarra
             raise EenetError(f"{name} has values in [{lo:g}, {hi:g}], outside the declared "
                              f"range [{low:g}, {high:g}]; every value must lie in it")
     z = np.clip((arr - low) / width, 0.0, 1.0)
-    return z.reshape(-1, arr.shape[-1])  # [n_rows, n_samples]
+    return z[None, :] if z.ndim == 1 else z  # [n_rows, n_samples]
 
 
 def _to_range(unit: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -573,7 +573,7 @@ def crc_risks(losses: Any, loss_bound: float) -> np.ndarray:
     if n == 0:
         return np.full(arr.shape[0], bound)
     envelope = np.maximum.accumulate(arr, axis=0)  # [n_candidates, n_samples]
-    return n / (n + 1) * envelope.mean(axis=1) + bound / (n + 1)
+    return (envelope.sum(axis=1) + bound) / (n + 1)  # = (n/(n+1)) R_hat + B/(n+1)
 
 
 def _loss_matrix(losses: Any, bound: float) -> np.ndarray:
