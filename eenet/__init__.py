@@ -3,6 +3,11 @@
 A post-hoc exit-policy learner after EENet (Ilhan et al., "EENet: Learning to
 Early Exit for Adaptive Inference", WACV 2024), with the classic policies
 (MSDNet max-probability, BranchyNet entropy, PABEE patience) on the same data.
+The pipeline, by package: :mod:`eenet.ingest` makes exit caches
+(:mod:`eenet.cache`), :mod:`eenet.scores` scores every exit, :mod:`eenet.rules`
+turns scores into exits under a budget, :mod:`eenet.policy` ties a scorer to a
+rule, :mod:`eenet.evaluate`, :mod:`eenet.sweep` and :mod:`eenet.report` measure
+it.
 
 Example:
     >>> from eenet import ExitPolicy, synthetic_example
@@ -12,26 +17,18 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
+from eenet._validation import CacheError, EenetError  # noqa: E402
+from eenet.cache import ExitCache, read_cache, write_cache  # noqa: E402
+from eenet.evaluate import EvalResult  # noqa: E402
+from eenet.policy import ExitPolicy  # noqa: E402
+from eenet.scores import METHODS  # noqa: E402
+from eenet.sweep import run_sweep  # noqa: E402
+from eenet.synthetic import synthetic_cache, synthetic_example  # noqa: E402
 
-# Heavy names (torch, pandas) load on first use, so `import eenet` and `eenet --help` stay fast.
-_LAZY = {
-    "ExitCache": "eenet.cache", "read_cache": "eenet.cache", "write_cache": "eenet.cache",
-    "CacheWriter": "eenet.cache", "EenetError": "eenet._validation",
-    "synthetic_cache": "eenet.synthetic", "synthetic_example": "eenet.synthetic",
-    "ExitPolicy": "eenet.exit_policy", "evaluate_oracle": "eenet.exit_policy",
-    "METHODS": "eenet.exit_policy", "EvalResult": "eenet.evaluate",
-    "run_sweep": "eenet.sweep", "plot_sweep": "eenet.sweep",
-    "import_exit_outputs": "eenet.ingest.arrays",
-}
-__all__ = ["__version__", *_LAZY]
+import eenet.examples  # noqa: E402,F401  (registers the bundled dataset names)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'eenet' has no attribute {name!r}")
+__all__ = ["CacheError", "EenetError", "EvalResult", "ExitCache", "ExitPolicy", "METHODS",
+           "__version__", "read_cache", "run_sweep", "synthetic_cache", "synthetic_example",
+           "write_cache"]

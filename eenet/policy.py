@@ -1,352 +1,317 @@
-"""A deployable exit policy: a per-exit score plus per-exit thresholds.
+"""A deployable exit policy: a scorer plus one fitted rule.
 
-:class:`ExitPolicy` ties the pieces together. ``fit`` trains the method's
-scorer on a validation cache (a no-op for the fixed-score baselines) and
-calibrates thresholds that meet the budget; ``calibrate`` redoes the
-thresholds for another cache or budget; ``exits`` and ``evaluate`` apply the
-policy to any cache of the same network; ``save``/``load`` round-trip it
-through a ``torch.save`` file of plain containers (loads with
-``weights_only=True``).
+:class:`ExitPolicy` ties the pipeline together. ``fit`` trains the method's
+scorer on a validation cache (a no-op for the fixed scores) and calibrates a
+:class:`~eenet.rules.thresholds.Thresholds` rule that meets the budget;
+``calibrate`` redoes the rule for another cache or budget; ``exits`` and
+``evaluate`` apply the policy to any cache of the same network; ``save`` and
+``load`` round-trip it through a ``torch.save`` file of plain containers
+(loads with ``weights_only=True``).
+
+The policy's own work is a cost like the network's: with ``overhead`` (per
+exit, in the cache's cost unit; :mod:`eenet.scores.overhead` measures it) the
+rule is calibrated on, and evaluation charges, the costs the deployed policy
+really spends (:meth:`ExitPolicy.costs_for`).
 """
 from __future__ import annotations
 
 import copy
-import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from eenet import __version__
-from eenet._validation import EenetError, check_budget, check_choice
-from eenet.baselines import SCORERS, apply_patience, calibrate_patience, canonical_method, \
-    oracle_exits, static_exit
+from eenet._validation import EenetError, atomic_output, check_budget, check_choice
 from eenet.cache import ExitCache
-from eenet.calibrate import Thresholds, apply_thresholds, calibrate as calibrate_scores
 from eenet.evaluate import EvalResult, evaluate_exits
-from eenet.policy import EENetScorer
+from eenet.rules import Calibrator, Thresholds
+from eenet.scores import Method, get_method, score_cache, scorer_from_state
+
+__all__ = ["ExitPolicy", "POLICY_FORMAT", "POLICY_VERSION", "sample_fingerprints"]
 
 POLICY_FORMAT = "eenet-policy"
-POLICY_VERSION = 1
-CalibrationMode = Literal["assignment", "geometric", "search", "patience"]
-
-#: Every method a policy can be fitted with; aliases resolve through ``canonical_method``.
-METHODS: dict[str, Any] = {"eenet": EENetScorer, "eenet-paper": EENetScorer, **SCORERS,
-                           "static": None}
-#: Methods whose scores are learned, and the scorer settings each one fixes.
-#: ``eenet-paper`` is the recipe as published: the paper's scoring target
-#: (exit k is right) and features, calibrated by the learned assignment.
-LEARNED: dict[str, dict[str, Any]] = {
-    "eenet": {},
-    "eenet-paper": {"target": "correct", "features": "paper"},
-}
-
-#: The calibration each method uses unless told otherwise. Chosen on held-out
-#: data (benchmarks/RESULTS.md): the published baselines keep their published
-#: rules; EENet uses validation-optimal thresholds on its learned scores.
-DEFAULT_CALIBRATION: dict[str, str] = {
-    "eenet": "search",
-    "eenet-paper": "assignment",
-    "maxprob": "geometric",
-    "entropy": "geometric",
-    "patience": "patience",
-    "static": "static",
-}
-_MODES_FOR = {
-    "eenet": ("assignment", "geometric", "search"),
-    "eenet-paper": ("assignment", "geometric", "search"),
-    "maxprob": ("geometric", "search"),
-    "entropy": ("geometric", "search"),
-    "patience": ("patience", "geometric", "search"),
-    "static": ("static",),
-}
+POLICY_VERSION = 2
+#: Test caches whose costs differ from the policy's by more than this (relative) get a warning.
+COST_RTOL = 0.05
 
 
-def resolve_method(name: str) -> str:
-    """Canonical method name for ``name`` or an alias; lists the valid names otherwise."""
-    key = str(name).strip().lower()
-    if key in LEARNED or key == "static":
-        return key
-    if key == "oracle":
-        raise EenetError("'oracle' uses the labels, so it is an upper bound and not a "
-                         "deployable policy; use `eenet sweep --methods oracle` to report it")
-    try:
-        return canonical_method(key)
-    except EenetError:
-        valid = sorted(set(METHODS) | {"msdnet", "branchynet", "pabee"})
-        raise EenetError(f"unknown method {name!r}; choose one of: {', '.join(valid)}") from None
+def sample_fingerprints(cache: ExitCache) -> np.ndarray:
+    """A 64-bit fingerprint per sample of its exit outputs, int64 [n_samples].
+
+    The same input through the same network gives the same fingerprint, so a
+    policy can tell when it is evaluated on samples it was fitted on, whatever
+    their ids. Logits are rounded to float16 first, so float16 and float32
+    caches of one run agree.
+    """
+    bits = np.ascontiguousarray(cache.logits, dtype=np.float16).view(np.int16)
+    n = bits.shape[0]
+    flat = bits.reshape(n, -1).astype(np.int64)
+    mult = np.random.default_rng(0x5EED).integers(1, 2**62, size=flat.shape[1], dtype=np.int64)
+    with np.errstate(over="ignore"):
+        return (flat * mult).sum(axis=1) ^ (flat[:, 0] << 40)
+
+
+def _ids(cache: ExitCache) -> np.ndarray:
+    return np.arange(cache.n_samples) if cache.sample_ids is None else cache.sample_ids
 
 
 class ExitPolicy:
     """Which exit each sample leaves at, under an average cost budget.
 
     Args:
-        method: ``"eenet"`` (learned scores, Ilhan et al. WACV 2024, with
-            eenet's scoring target and features; see :mod:`eenet.policy`),
-            ``"eenet-paper"`` (the published recipe),
-            ``"maxprob"``/``"msdnet"``, ``"entropy"``/``"branchynet"``,
-            ``"patience"``/``"pabee"`` or ``"static"``.
-        calibration: how scores become thresholds: ``"assignment"`` (EENet's
-            learned exit distribution, tilted to the budget), ``"geometric"``
-            (MSDNet's rule), ``"search"`` (validation-optimal thresholds) or
-            ``"patience"``; ``None`` picks the method's default
-            (:data:`DEFAULT_CALIBRATION`).
-        guard: calibrate against a slightly lower target so the realized cost
-            on unseen data stays within the budget.
+        method: a name or alias from :data:`eenet.scores.METHODS` (``"eenet"``,
+            ``"eenet-paper"``, ``"maxprob"``/``"msdnet"``, ``"entropy"``/
+            ``"branchynet"``, ``"patience"``/``"pabee"``, ``"static"``).
+        calibration: a calibration the method accepts (:data:`eenet.rules.CALIBRATIONS`);
+            ``None`` picks the method's default.
+        guard: calibrate to a slightly lower target so the realized cost on
+            unseen data stays within the budget (:mod:`eenet.rules.guard`).
         seed: seed of every stochastic step.
-        device: where EENet trains (``"auto"`` uses CUDA when present).
-        **hparams: passed to the method's scorer (EENet: ``epochs``, ``lr``,
-            ``hidden``, ``alpha_ce``, ``alpha_budget``, ...).
+        device: where a learned scorer trains (``"auto"`` uses CUDA when present).
+        **hparams: the learned scorer's hyperparameters (EENet: ``epochs``,
+            ``lr``, ``hidden``, ``alpha_ce``, ``alpha_budget``, ...).
 
     Example:
         >>> from eenet import ExitPolicy, synthetic_example
         >>> val, test = synthetic_example(seed=0)
         >>> policy = ExitPolicy("maxprob").fit(val, budget=4.0)
-        >>> result = policy.evaluate(test)
-        >>> result.avg_cost <= 4.0 * 1.01
+        >>> policy.evaluate(test).avg_cost <= 4.0 * 1.01
         True
     """
 
-    def __init__(self, method: str = "eenet", *, calibration: CalibrationMode | None = None,
+    def __init__(self, method: str = "eenet", *, calibration: str | None = None,
                  guard: bool = True, seed: int = 0, device: str = "cpu",
                  **hparams: Any) -> None:
-        self.method = resolve_method(method)
-        self.calibration = calibration or DEFAULT_CALIBRATION[self.method]
-        check_choice(f"calibration for {self.method}", self.calibration,
-                      _MODES_FOR[self.method])
+        self.method: Method = get_method(method)
+        if not self.method.deployable:
+            self.method.scorer()  # raises the explanation
+        self.calibration = self._check_calibration(calibration)
         self.guard = bool(guard)
         self.seed = int(seed)
         self.hparams = dict(hparams)
-        if self.method in LEARNED:
-            dev = "cuda" if device == "auto" and torch.cuda.is_available() else (
-                "cpu" if device == "auto" else device)
-            self.scorer: Any = EENetScorer(device=dev, **{**hparams,
-                                                          **LEARNED[self.method]})
-        elif self.method == "static":
-            if hparams:
-                raise EenetError(f"static takes no hyperparameters, got {sorted(hparams)}")
-            self.scorer = None
-        else:
-            if hparams:
-                raise EenetError(f"{self.method} takes no hyperparameters, got "
-                                 f"{sorted(hparams)}")
-            self.scorer = SCORERS[self.method]()
-        self.budget: float | None = None
-        self.thresholds: Thresholds | None = None
-        self.patience: dict[str, Any] | None = None
-        self.static_exit: int | None = None
+        if self.method.learned:
+            from eenet._validation import resolve_device
+
+            hparams = {**hparams, "device": str(resolve_device(device))}
+        self.scorer = self.method.scorer(**hparams)
+        self.rule: Thresholds | None = None
+        self.overhead: np.ndarray | None = None
         self.reference: dict[str, Any] | None = None
         self.provenance: dict[str, Any] = {}
-        self._scorer_fitted = self.scorer is None or self.method not in LEARNED
+        self._fit_fingerprints: np.ndarray | None = None
+        self._calibrator: tuple[tuple, Calibrator] | None = None
 
-    # ------------------------------------------------------------------ fit
-    def fit(self, cache: ExitCache, budget: float, *, verbose: bool = False) -> "ExitPolicy":
-        """Fit the scorer on ``cache`` and calibrate thresholds for ``budget``; returns self."""
-        _check_exits(cache)
-        budget = check_budget(budget, cache.costs, unit=cache.cost_unit)
+    def _check_calibration(self, calibration: str | None) -> str:
+        if calibration is None:
+            return str(self.method.default_calibration)
+        return check_choice(f"calibration for {self.method.name}", calibration,
+                            self.method.calibrations)
+
+    # ---- costs ----------------------------------------------------------------
+    def costs_for(self, cache: ExitCache) -> np.ndarray:
+        """The costs this policy spends on ``cache``'s network: the cache's costs plus the
+        policy's own per-exit overhead, accumulated (exit k pays for deciding at 0..k;
+        nothing is decided at the last exit)."""
+        if self.overhead is None:
+            return cache.costs
+        paid = np.cumsum(self.overhead)
+        paid = np.concatenate([paid[:-1], paid[-2:-1]]) if paid.size > 1 else paid * 0
+        return cache.costs + paid
+
+    # ---- fitting ---------------------------------------------------------------
+    def fit(self, cache: ExitCache, budget: float, *, overhead: np.ndarray | None = None,
+            verbose: bool = False) -> "ExitPolicy":
+        """Fit the scorer on ``cache`` and calibrate the rule for ``budget``; returns self.
+
+        Args:
+            cache: the validation split.
+            budget: average cost per sample, in the cache's cost unit.
+            overhead: [n_exits] the policy's own cost of deciding at each exit,
+                in the cache's cost unit (see :mod:`eenet.scores.overhead`);
+                ``None`` charges nothing for it.
+            verbose: progress bar on stderr.
+        """
+        _check_exit_count(cache)
+        self.overhead = None if overhead is None else np.asarray(overhead, dtype=np.float64)
+        costs = self.costs_for(cache)
+        budget = check_budget(budget, costs, unit=cache.cost_unit)
         self.reference = {"n_exits": cache.n_exits, "n_classes": cache.n_classes,
                           "cost_unit": cache.cost_unit, "model": cache.model,
-                          "dataset": cache.dataset,
-                          "costs": [float(c) for c in cache.costs]}
-        probs = cache.probs() if self.scorer is not None else None
-        fit_scores = None
-        if self.scorer is not None:
-            self.scorer.fit(probs, cache.labels, cache.costs, budget, seed=self.seed,
-                            verbose=verbose)
-            self._scorer_fitted = True
-            # a scorer trained on this very cache scores it too kindly; where it can, it
-            # gives out-of-sample scores for calibration instead
-            out_of_sample = getattr(self.scorer, "calibration_scores", None)
-            fit_scores = out_of_sample() if callable(out_of_sample) else None
-        self._calibrate(cache, budget, probs, scores=fit_scores)
+                          "dataset": cache.dataset, "costs": cache.costs.tolist(),
+                          "cost_source": cache.cost_source}
+        self._fit_fingerprints = np.unique(sample_fingerprints(cache))
+        self.provenance["fit_sample_ids"] = _ids(cache).tolist()
+        self._calibrator = None
+        self.scorer.fit(cache, costs, budget, seed=self.seed, verbose=verbose)
+        self.rule = self.calibrator(cache).rule(budget)
         return self
+
+    def calibrator(self, cache: ExitCache) -> Calibrator:
+        """The calibration of this policy's scores on ``cache``, for any budget.
+
+        The last one is kept, so asking again for the same cache (a sweep over
+        budgets) reuses its scores, search staircase and guard margins.
+        """
+        self._require("calibrate", fitted=False)
+        key = (cache, self.calibration, self.guard, self.scorer)
+        kept = self._calibrator
+        if kept is None or any(a is not b and a != b for a, b in zip(kept[0], key)):
+            self._calibrator = (key, Calibrator(
+                score_cache(self.scorer, cache), cache.correct(), self.costs_for(cache),
+                mode=self.calibration, fractions=self.scorer.exit_distribution(),
+                guard=self.guard, seed=self.seed, sample_ids=_ids(cache)))
+        return self._calibrator[1]
 
     def calibrate(self, cache: ExitCache, budget: float | None = None, *,
-                  mode: CalibrationMode | None = None,
-                  guard: bool | None = None) -> "ExitPolicy":
-        """Recompute the thresholds on ``cache`` for ``budget`` (default: the current one)."""
-        self._require("calibrate", fitted_scorer=True)
+                  mode: str | None = None, guard: bool | None = None) -> "ExitPolicy":
+        """Recompute the rule on ``cache`` for ``budget`` (default: the current one)."""
+        self._require("calibrate", fitted=False)
         self._check_compatible(cache)
         if mode is not None:
-            check_choice(f"calibration for {self.method}", mode, _MODES_FOR[self.method])
-            self.calibration = mode
+            self.calibration = self._check_calibration(mode)
         if guard is not None:
             self.guard = bool(guard)
-        budget = self.budget if budget is None else budget
         if budget is None:
-            raise EenetError("no budget: pass one to calibrate()")
-        budget = check_budget(budget, cache.costs, unit=cache.cost_unit)
-        self._calibrate(cache, budget, cache.probs() if self.scorer is not None else None)
+            if self.rule is None:
+                raise EenetError("no budget: pass one to calibrate()")
+            budget = self.rule.budget
+        self.rule = self.calibrator(cache).rule(budget)
         return self
 
-    def _calibrate(self, cache: ExitCache, budget: float, probs: np.ndarray | None,
-                   scores: np.ndarray | None = None) -> None:
-        self.budget = budget
-        self.thresholds = self.patience = self.static_exit = None
-        if budget > cache.costs[-1] * (1 + 1e-9) and self.calibration in ("static", "patience"):
-            # the score calibrations (eenet.calibrate.calibrate) warn about this themselves
-            warnings.warn(f"budget {budget:g} {cache.cost_unit} is above the last exit's cost "
-                          f"{cache.costs[-1]:g}; every exit is affordable", stacklevel=3)
-        if self.calibration == "static":
-            self.static_exit = static_exit(cache.costs, budget)
-            return
-        if self.calibration == "patience":
-            self.patience = calibrate_patience(cache.predictions(), cache.costs, budget,
-                                               seed=self.seed, guard=self.guard,
-                                               correct=cache.correct())
-            return
-        if scores is None:
-            scores = self.scorer.scores(probs)
-        fractions = self.scorer.exit_distribution() if self.calibration == "assignment" \
-            else None
-        self.thresholds = calibrate_scores(scores, cache.correct(), cache.costs, budget,
-                                           mode=self.calibration, fractions=fractions,
-                                           guard=self.guard, seed=self.seed)
-
-    # ---------------------------------------------------------------- apply
+    # ---- applying --------------------------------------------------------------
     def exits(self, cache: ExitCache) -> np.ndarray:
         """The exit of every sample of ``cache``, int64 [n_samples]."""
-        self._require("exits")
+        rule = self._require("exits")
         self._check_compatible(cache)
-        if self.static_exit is not None:
-            return np.full(cache.n_samples, self.static_exit, dtype=np.int64)
-        if self.patience is not None:
-            return apply_patience(cache.predictions(), self.patience, seed=self.seed)
-        assert self.thresholds is not None
-        return apply_thresholds(self.scorer.scores(cache.probs()), self.thresholds.values)
+        return rule.exits(score_cache(self.scorer, cache), _ids(cache))
 
     def evaluate(self, cache: ExitCache) -> EvalResult:
-        """Accuracy, realized cost and exit distribution of the policy on ``cache``."""
+        """Accuracy, realized cost (the policy's overhead included), exit distribution
+        and risk of the policy on ``cache``."""
         exits = self.exits(cache)
-        return evaluate_exits(exits, cache.correct(), cache.costs, method=self.method,
-                              budget=self.budget, cost_unit=cache.cost_unit)
+        self._warn_if_seen(cache)
+        return evaluate_exits(exits, cache, method=self.method.name, budget=self.budget,
+                              costs=self.costs_for(cache))
 
-    # ----------------------------------------------------------- reporting
-    def describe(self) -> str:
-        """A one-line summary for the CLI."""
-        if self.budget is None:
-            return f"{self.method} (not fitted)"
-        unit = (self.reference or {}).get("cost_unit", "")
-        parts = [f"{self.method}, budget {self.budget:.4g} {unit}",
-                 f"calibration {self.calibration}{' + guard' if self.guard else ''}"]
-        if self.thresholds is not None:
-            t = self.thresholds
-            parts.append(f"validation accuracy {t.val_accuracy:.4f} at cost {t.val_cost:.4g}")
-        elif self.static_exit is not None:
-            parts.append(f"everyone leaves at exit {self.static_exit}")
-        elif self.patience is not None:
-            parts.append(f"validation accuracy {self.patience['val_accuracy']:.4f} at cost "
-                         f"{self.patience['val_cost']:.4g}")
-        return "; ".join(parts)
+    @property
+    def budget(self) -> float | None:
+        return None if self.rule is None else float(self.rule.budget)
 
     @property
     def val_accuracy(self) -> float:
-        self._require("val_accuracy")
-        if self.thresholds is not None:
-            return float(self.thresholds.val_accuracy)
-        if self.patience is not None:
-            return float(self.patience["val_accuracy"])
-        return math.nan
+        """Accuracy on the calibration cache (in-sample for a scorer trained on it)."""
+        return float(self._require("val_accuracy").val_accuracy)
 
     @property
     def val_cost(self) -> float:
-        self._require("val_cost")
-        if self.thresholds is not None:
-            return float(self.thresholds.val_cost)
-        if self.patience is not None:
-            return float(self.patience["val_cost"])
-        assert self.reference is not None and self.static_exit is not None
-        return float(self.reference["costs"][self.static_exit])
+        return float(self._require("val_cost").val_cost)
 
-    # ------------------------------------------------------------ checks
-    def _require(self, step: str, *, fitted_scorer: bool = False) -> None:
-        if fitted_scorer:
-            if not self._scorer_fitted or self.reference is None:
-                raise EenetError(f"{step}() needs a fitted policy; call fit() first")
-            return
-        if self.budget is None or self.reference is None:
-            raise EenetError(f"{step}() needs a fitted and calibrated policy; call fit() "
-                             f"first")
+    def describe(self) -> str:
+        """A one-line summary for the command line."""
+        if self.rule is None or self.reference is None:
+            return f"{self.method.name} (not fitted)"
+        unit = self.reference["cost_unit"]
+        label = "in-sample " if self.method.learned else ""
+        parts = [f"{self.method.name}, budget {self.rule.budget:.4g} {unit}",
+                 f"calibration {self.calibration}{' + guard' if self.guard else ''}",
+                 f"{label}validation accuracy {self.rule.val_accuracy:.4f} at cost "
+                 f"{self.rule.val_cost:.4g}"]
+        if self.overhead is not None:
+            parts.append(f"policy overhead {float(np.sum(self.overhead[:-1])):.3g} {unit} "
+                         f"over {self.overhead.size - 1} decisions, included")
+        return "; ".join(parts)
+
+    # ---- checks ----------------------------------------------------------------
+    def _require(self, step: str, *, fitted: bool = True) -> Thresholds:
+        if self.reference is None or (fitted and self.rule is None):
+            raise EenetError(f"{step}() needs a fitted policy; call fit() first")
+        return self.rule  # type: ignore[return-value]
 
     def _check_compatible(self, cache: ExitCache) -> None:
         ref = self.reference
-        if ref is None:
-            return
+        assert ref is not None
         where = f"{cache.path}: " if cache.path else ""
-        if cache.n_exits != ref["n_exits"]:
-            raise EenetError(f"{where}the cache has {cache.n_exits} exits but the policy was "
-                             f"fitted on a network with {ref['n_exits']}; fit a policy on a "
-                             f"cache of this network")
+        if cache.n_exits != ref["n_exits"] or cache.n_classes != ref["n_classes"]:
+            raise EenetError(f"{where}the cache has {cache.n_exits} exits x {cache.n_classes} "
+                             f"classes but the policy was fitted on {ref['n_exits']} x "
+                             f"{ref['n_classes']}; use a cache of the same network")
         if cache.cost_unit != ref["cost_unit"]:
             raise EenetError(f"{where}costs are in {cache.cost_unit!r} but the policy's budget "
                              f"is in {ref['cost_unit']!r}; use caches with the same cost unit")
-        if self.method in LEARNED and cache.n_classes != ref["n_classes"]:
-            raise EenetError(f"{where}the cache has {cache.n_classes} classes but the policy "
-                             f"was fitted with {ref['n_classes']}")
+        fitted = np.asarray(ref["costs"])
+        worst = float(np.max(np.abs(cache.costs - fitted) / np.maximum(fitted, 1e-300)))
+        if worst > COST_RTOL:
+            warnings.warn(f"{where}the cache's costs {np.round(cache.costs, 4).tolist()} differ "
+                          f"from those the policy was fitted with "
+                          f"{np.round(fitted, 4).tolist()} by up to {100 * worst:.0f}%, so the "
+                          f"cost is not comparable with the budget; cache this split with "
+                          f"`eenet cache ... --costs-from VAL.h5` (or `eenet import ... "
+                          f"--costs-from VAL.h5`) to reuse the validation costs", stacklevel=3)
 
-    # -------------------------------------------------------- persistence
-    def state(self) -> dict[str, Any]:
+    def _warn_if_seen(self, cache: ExitCache) -> None:
+        if self._fit_fingerprints is None or self._fit_fingerprints.size == 0:
+            return
+        seen = int(np.isin(sample_fingerprints(cache), self._fit_fingerprints).sum())
+        if seen:
+            where = f"{cache.path}: " if cache.path else ""
+            warnings.warn(f"{where}{seen} of the {cache.n_samples} samples evaluated were used "
+                          f"to fit the policy, so the result is optimistic; evaluate on "
+                          f"another split (or the part `fit --holdout` kept out)", stacklevel=3)
+
+    # ---- persistence -----------------------------------------------------------
+    def to_state(self) -> dict[str, Any]:
         """The policy as plain containers (tensors, numbers, strings, lists, dicts)."""
-        self._require("save")
-        return {
-            "format": POLICY_FORMAT,
-            "format_version": POLICY_VERSION,
-            "eenet_version": __version__,
-            "method": self.method,
-            "calibration": self.calibration,
-            "guard": self.guard,
-            "seed": self.seed,
-            "hparams": copy.deepcopy(self.hparams),
-            "budget": self.budget,
-            "reference": copy.deepcopy(self.reference),
-            "scorer": None if self.scorer is None else self.scorer.state(),
-            "thresholds": None if self.thresholds is None else self.thresholds.to_dict(),
-            "patience": copy.deepcopy(self.patience),
-            "static_exit": self.static_exit,
-            "provenance": copy.deepcopy(self.provenance),
-        }
+        rule = self._require("save")
+        return {"format": POLICY_FORMAT, "format_version": POLICY_VERSION,
+                "eenet_version": __version__, "method": self.method.name,
+                "calibration": self.calibration, "guard": self.guard, "seed": self.seed,
+                "hparams": copy.deepcopy(self.hparams), "reference": copy.deepcopy(self.reference),
+                "scorer": self.scorer.to_state(), "rule": rule.to_dict(),
+                "overhead": None if self.overhead is None else self.overhead.tolist(),
+                "fit_fingerprints": torch.from_numpy(self._fit_fingerprints.copy())
+                if self._fit_fingerprints is not None else None,
+                "provenance": copy.deepcopy(self.provenance)}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the policy atomically (temporary file, then rename)."""
-        path = Path(path)
-        if not path.parent.is_dir():
-            raise EenetError(f"output directory {path.parent} does not exist; create it first")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save(self.state(), tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        """Write the policy atomically (a temporary file, then a rename)."""
+        state = self.to_state()
+        with atomic_output(path) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+        return Path(path)
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], *, source: str = "policy") -> "ExitPolicy":
-        """Rebuild a policy from :meth:`state`."""
+    def from_state(cls, state: Any, *, source: str = "policy") -> "ExitPolicy":
+        """Rebuild a policy from :meth:`to_state`'s output.
+
+        Raises:
+            EenetError: not a policy, a policy of another format version, or damaged.
+        """
         if not isinstance(state, dict) or state.get("format") != POLICY_FORMAT:
-            raise EenetError(f"{source}: not an eenet policy file (no format "
-                             f"{POLICY_FORMAT!r}); create one with `eenet fit`")
-        if int(state.get("format_version", 0)) > POLICY_VERSION:
-            raise EenetError(f"{source}: policy format_version {state['format_version']} is "
-                             f"newer than this eenet reads; upgrade eenet")
+            raise EenetError(f"{source}: not an eenet policy file; create one with `eenet fit`")
+        version = state.get("format_version")
+        if version != POLICY_VERSION:
+            raise EenetError(f"{source}: policy format version {version} is not the version "
+                             f"this eenet reads ({POLICY_VERSION}); fit the policy again with "
+                             f"`eenet fit`")
         try:
             policy = cls(state["method"], calibration=state["calibration"],
                          guard=state["guard"], seed=state["seed"], **state["hparams"])
-            if state["scorer"] is not None:
-                policy.scorer = type(policy.scorer).from_state(state["scorer"])
-            policy._scorer_fitted = True
-            policy.budget = state["budget"]
-            policy.reference = state["reference"]
-            policy.thresholds = None if state["thresholds"] is None else \
-                Thresholds.from_dict(state["thresholds"])
-            policy.patience = state["patience"]
-            policy.static_exit = state["static_exit"]
+            policy.scorer = scorer_from_state(state["scorer"])
+            policy.reference = dict(state["reference"])
+            policy.rule = Thresholds.from_dict(state["rule"])
+            policy.overhead = None if state["overhead"] is None else np.asarray(
+                state["overhead"], dtype=np.float64)
+            fps = state.get("fit_fingerprints")
+            policy._fit_fingerprints = None if fps is None else fps.numpy()
             policy.provenance = dict(state.get("provenance") or {})
-        except (KeyError, TypeError, ValueError) as err:
-            raise EenetError(f"{source}: the policy file is incomplete or damaged ({err}); "
-                             f"fit it again") from None
+        except (KeyError, TypeError, AttributeError) as err:
+            raise EenetError(f"{source}: the policy file is incomplete or damaged "
+                             f"({type(err).__name__}: {err}); fit it again") from None
         return policy
 
     @classmethod
@@ -359,21 +324,16 @@ class ExitPolicy:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several unrelated types for damaged files
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise EenetError(f"{path}: not a readable policy file ({first[:120]}); it is "
-                             f"corrupt or not made by `eenet fit`") from None
+            if "Weights only load failed" in first:
+                first = "it holds objects other than tensors and plain containers"
+            raise EenetError(f"{path}: not a readable policy file ({first}); it is corrupt or "
+                             f"not made by `eenet fit`") from None
         return cls.from_state(state, source=str(path))
 
 
-def _check_exits(cache: ExitCache) -> None:
+def _check_exit_count(cache: ExitCache) -> None:
     if cache.n_exits < 2:
         where = f"{cache.path}: " if cache.path else ""
         raise EenetError(f"{where}the cache has a single exit; an exit policy needs a network "
                          f"with at least two exits")
 
-
-def evaluate_oracle(cache: ExitCache, budget: float) -> EvalResult:
-    """The label-aware upper bound at ``budget`` (not a deployable policy)."""
-    budget = check_budget(budget, cache.costs, unit=cache.cost_unit)
-    exits = oracle_exits(cache.correct(), cache.costs, budget)
-    return evaluate_exits(exits, cache.correct(), cache.costs, method="oracle", budget=budget,
-                          cost_unit=cache.cost_unit)

@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from eenet._validation import EenetError
-from eenet.losses import (assignment_loss, assignment_targets, budget_loss, score_targets,
+from eenet.scores.eenet_losses import (assignment_loss, assignment_targets, budget_loss, score_targets,
                           scoring_loss, scoring_weights, total_loss)
 
 # float64 throughout: the references are exact up to summation order

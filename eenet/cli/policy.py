@@ -1,28 +1,37 @@
 """Commands that fit, calibrate and evaluate one policy."""
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import click
 
 from eenet.cli import check_out_dir, command_seed, echo_json, handle_errors, main
-import warnings
+from eenet.rules import CALIBRATIONS
+from eenet.scores import METHODS
+from eenet.scores.eenet import EENetConfig
+
+#: ``--method`` accepts every name and alias of the method table (any case).
+METHOD_CHOICE = click.Choice(sorted({alias for m in METHODS.values() if m.deployable
+                                     for alias in (m.name, *m.aliases)}), case_sensitive=False)
+CALIBRATION_CHOICE = click.Choice(["default", *CALIBRATIONS])
+_EENET_DEFAULTS = {f.name: f.default for f in fields(EENetConfig)}
 
 
-# ---------------------------------------------------------------------------
-# fit / calibrate / evaluate
-# ---------------------------------------------------------------------------
-_CALIBRATIONS = ["default", "assignment", "geometric", "search", "patience"]
-
-
-def _read_split(path: Path, holdout: float | None, seed: int, part: str):
+def read_split(path: Path, holdout: float | None, seed: int, part: str):
+    """The cache at ``path``, or its ``fit``/``held`` part of a seeded stratified split."""
     from eenet.cache import read_cache
 
-    c = read_cache(path)
+    cache = read_cache(path)
     if holdout is None:
-        return c
-    fit_part, held_part = c.holdout_split(holdout, seed=seed)
+        return cache
+    fit_part, held_part = cache.holdout_split(holdout, seed=seed)
     return fit_part if part == "fit" else held_part
+
+
+def _eenet_option(name: str, kind: click.ParamType, text: str):
+    return click.option(f"--{name.replace('_', '-')}", name, type=kind, show_default=True,
+                        default=_EENET_DEFAULTS[name], help=f"EENet: {text}.")
 
 
 @main.command(epilog="Example: eenet fit cache/fmnist_val.h5 --budget 0.3 --out policy.pt")
@@ -30,41 +39,44 @@ def _read_split(path: Path, holdout: float | None, seed: int, part: str):
 @click.option("--budget", type=float, required=True, help="Average cost per sample, in the "
                                                           "cache's cost unit.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--method", default="eenet", show_default=True,
-              help="eenet, eenet-paper, maxprob (msdnet), entropy (branchynet), patience "
-                   "(pabee), static.")
-@click.option("--calibration", type=click.Choice(_CALIBRATIONS), default="default",
-              show_default=True, help="How scores become thresholds (default: the method's).")
+@click.option("--method", type=METHOD_CHOICE, default="eenet", show_default=True,
+              help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()
+                             if m.deployable))
+@click.option("--calibration", type=CALIBRATION_CHOICE, default="default", show_default=True,
+              help="How scores become thresholds (default: the method's). "
+                   + "; ".join(f"{k}: {v}" for k, v in CALIBRATIONS.items()))
 @click.option("--no-guard", is_flag=True, help="Calibrate against B itself, without the "
                                                "budget guard's margin.")
 @click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Fit on a seeded stratified part of VAL, keeping this share for "
                    "`eenet evaluate --holdout`.")
 @click.option("--seed", type=int, default=None, help="Overrides the group's --seed.")
-@click.option("--epochs", type=click.IntRange(1), help="EENet: maximum training epochs.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), help="EENet: learning rate.")
-@click.option("--hidden", type=click.IntRange(1), help="EENet: hidden width of the heads.")
-@click.option("--alpha-ce", type=click.FloatRange(0), help="EENet: weight of the "
-                                                           "assignment loss.")
-@click.option("--alpha-budget", type=click.FloatRange(0), help="EENet: weight of the "
-                                                               "budget loss.")
+@_eenet_option("epochs", click.IntRange(1), "maximum training epochs")
+@_eenet_option("lr", click.FloatRange(0, min_open=True), "learning rate")
+@_eenet_option("hidden", click.IntRange(1), "hidden width of the heads")
+@_eenet_option("alpha_ce", click.FloatRange(0), "weight of the assignment loss")
+@_eenet_option("alpha_budget", click.FloatRange(0), "weight of the budget loss")
 @click.pass_context
 @handle_errors
 def fit(ctx: click.Context, val: Path, budget: float, out: Path, method: str,
         calibration: str, no_guard: bool, holdout: float | None, seed: int | None,
-        epochs: int | None, lr: float | None, hidden: int | None, alpha_ce: float | None,
-        alpha_budget: float | None) -> None:
+        **hparams: float) -> None:
     """Fit an exit policy on a validation cache and calibrate it to the budget."""
-    from eenet.exit_policy import ExitPolicy
+    from eenet.policy import ExitPolicy
+    from eenet.scores import get_method
 
     check_out_dir(out)
     seed = command_seed(ctx, seed)
-    hparams = {k: v for k, v in dict(epochs=epochs, lr=lr, hidden=hidden, alpha_ce=alpha_ce,
-                                     alpha_budget=alpha_budget).items() if v is not None}
-    cache_ = _read_split(val, holdout, seed, "fit")
+    learned = get_method(method).learned
+    changed = {k: v for k, v in hparams.items() if v != _EENET_DEFAULTS[k]}
+    if changed and not learned:
+        raise click.UsageError(f"{', '.join('--' + k.replace('_', '-') for k in changed)} "
+                               f"apply to learned methods (eenet, eenet-paper) only")
+    cache = read_split(val, holdout, seed, "fit")
     policy = ExitPolicy(method, calibration=None if calibration == "default" else calibration,
-                        guard=not no_guard, seed=seed, device=ctx.obj["device"], **hparams)
-    policy.fit(cache_, budget, verbose=ctx.obj["progress"])
+                        guard=not no_guard, seed=seed, device=ctx.obj["device"],
+                        **(changed if learned else {}))
+    policy.fit(cache, budget, verbose=ctx.obj["progress"])
     policy.provenance.update(holdout=holdout, fit_cache=str(val.resolve()))
     policy.save(out)
     click.echo(f"wrote {out}: {policy.describe()}")
@@ -76,8 +88,8 @@ def fit(ctx: click.Context, val: Path, budget: float, out: Path, method: str,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("val", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--budget", type=float, help="New budget (default: the policy's).")
-@click.option("--mode", type=click.Choice(_CALIBRATIONS), default="default",
-              show_default=True, help="Calibration mode (default: the policy's).")
+@click.option("--mode", type=CALIBRATION_CHOICE, default="default", show_default=True,
+              help="Calibration (default: the policy's).")
 @click.option("--no-guard", is_flag=True, help="Calibrate against B itself.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write (default: overwrite POLICY).")
@@ -86,7 +98,7 @@ def calibrate(policy_path: Path, val: Path, budget: float | None, mode: str, no_
               out: Path | None) -> None:
     """Recompute a policy's thresholds on a cache, for its budget or a new one."""
     from eenet.cache import read_cache
-    from eenet.exit_policy import ExitPolicy
+    from eenet.policy import ExitPolicy
 
     out = check_out_dir(out or policy_path)
     policy = ExitPolicy.load(policy_path)
@@ -103,24 +115,16 @@ def calibrate(policy_path: Path, val: Path, budget: float | None, mode: str, no_
 @click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Evaluate on the held-out share of TEST (as split by `fit --holdout`).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.pass_context
 @handle_errors
-def evaluate(ctx: click.Context, policy_path: Path, test: Path, holdout: float | None,
-             as_json: bool) -> None:
-    """Apply a policy to a held-out cache: accuracy, realized cost, exit distribution."""
-    from eenet.exit_policy import ExitPolicy
+def evaluate(policy_path: Path, test: Path, holdout: float | None, as_json: bool) -> None:
+    """Apply a policy to a held-out cache: accuracy, realized cost, exit distribution, risk."""
+    from eenet.policy import ExitPolicy
 
     policy = ExitPolicy.load(policy_path)
     if holdout is None and policy.provenance.get("fit_cache") == str(test.resolve()):
         holdout = policy.provenance.get("holdout")
-        if holdout is None:
-            warnings.warn(f"{test} is the cache the policy was fitted on; the accuracy is "
-                          f"optimistic. Evaluate on another split.", stacklevel=1)
-    cache_ = _read_split(test, holdout, int(policy.seed), "held")
-    result = policy.evaluate(cache_)
+    result = policy.evaluate(read_split(test, holdout, policy.seed, "held"))
     if as_json:
         echo_json(result.to_json())
         return
     click.echo(result.format_table())
-
-

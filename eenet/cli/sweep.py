@@ -7,13 +7,10 @@ import click
 
 from eenet.cli import (DEFAULT_CACHE_DIR, check_out_dir, handle_errors, main, parse_floats,
                        parse_names)
+from eenet.cli.policy import CALIBRATION_CHOICE, read_split
+from eenet.sweep import DEFAULT_METHODS
 
-from eenet.cli.policy import _CALIBRATIONS, _read_split
 
-
-# ---------------------------------------------------------------------------
-# sweep / quickstart
-# ---------------------------------------------------------------------------
 @main.command(epilog="Example: eenet sweep cache/fmnist_val.h5 cache/fmnist_test.h5 "
                      "--n-budgets 12 --out results/sweep.csv --plot results/sweep.png")
 @click.argument("val", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -22,12 +19,13 @@ from eenet.cli.policy import _CALIBRATIONS, _read_split
 @click.option("--budgets", help="Comma-separated budgets (default: spread between the first "
                                 "and last exit's cost).")
 @click.option("--n-budgets", type=click.IntRange(1), default=12, show_default=True)
-@click.option("--methods", default="eenet,maxprob,entropy,patience,static,oracle",
-              show_default=True, help="Comma-separated method names.")
-@click.option("--calibration", type=click.Choice(_CALIBRATIONS), default="default",
-              show_default=True, help="Calibration for every method (default: each method's).")
+@click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True,
+              help="Comma-separated method names or aliases, NAME:CALIBRATION for another "
+                   "calibration (e.g. maxprob:search).")
+@click.option("--calibration", type=CALIBRATION_CHOICE, default="default", show_default=True,
+              help="Calibration for every method that accepts it (default: each method's).")
 @click.option("--seeds", type=click.IntRange(1), default=1, show_default=True,
-              help="Repeat stochastic fits with seeds seed..seed+N-1.")
+              help="Repeat every fit with seeds seed..seed+N-1.")
 @click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="With a single cache: hold out this share (seeded, stratified) as test.")
 @click.option("--jobs", type=click.IntRange(1), default=None,
@@ -41,7 +39,11 @@ def sweep(ctx: click.Context, val: Path, test: Path | None, budgets: str | None,
           n_budgets: int, methods: str, calibration: str, seeds: int, holdout: float | None,
           jobs: int | None, out: Path, plot: Path | None) -> None:
     """Many budgets x many methods: an accuracy-vs-cost CSV, a plot and a summary table."""
-    from eenet.sweep import format_summary, plot_sweep, run_sweep
+    import contextlib
+
+    from eenet._validation import atomic_output
+    from eenet.report import format_summary, plot_sweep
+    from eenet.sweep import run_sweep
 
     check_out_dir(out)
     if plot is not None:
@@ -51,16 +53,20 @@ def sweep(ctx: click.Context, val: Path, test: Path | None, budgets: str | None,
         raise click.UsageError("give a TEST cache, or --holdout to split VAL")
     if test is not None and holdout is not None:
         raise click.UsageError("give either a TEST cache or --holdout, not both")
-    val_cache = _read_split(val, holdout, seed, "fit")
-    test_cache = _read_split(test or val, holdout, seed, "held")
+    val_cache = read_split(val, holdout, seed, "fit")
+    test_cache = read_split(test or val, holdout, seed, "held")
     table = run_sweep(val_cache, test_cache, budgets=parse_floats(budgets, "--budgets"),
                       n_budgets=n_budgets, methods=parse_names(methods),
                       calibration=None if calibration == "default" else calibration,
                       seeds=[seed + i for i in range(seeds)], jobs=jobs,
-                      verbose=ctx.obj["progress"])
-    table.to_csv(out, index=False)
-    if plot is not None:
-        plot_sweep(table, plot, val_cache, title=f"{val_cache.model or val.stem}")
+                      device=ctx.obj["device"], verbose=ctx.obj["progress"])
+    # both files appear together or not at all
+    with contextlib.ExitStack() as stack:
+        csv_tmp = stack.enter_context(atomic_output(out))
+        table.to_csv(csv_tmp, index=False)
+        if plot is not None:
+            plot_sweep(table, plot, cost_unit=val_cache.cost_unit,
+                       title=val_cache.model or val.stem)
     click.echo(format_summary(table, cost_unit=val_cache.cost_unit))
     click.echo(f"wrote {out}" + (f" and {plot}" if plot else ""))
 
@@ -73,20 +79,19 @@ def sweep(ctx: click.Context, val: Path, test: Path | None, budgets: str | None,
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder of the Fashion-MNIST idx files.")
 @click.option("--n-budgets", type=click.IntRange(2), default=10, show_default=True)
-@click.option("--methods", default="eenet,maxprob,entropy,patience,static,oracle",
-              show_default=True)
+@click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True)
+@click.option("--seeds", type=click.IntRange(1), default=3, show_default=True,
+              help="Seeds per fit; the table marks ties within the seed-to-seed spread.")
 @click.option("--force", is_flag=True, help="Rebuild the caches even if present.")
 @click.pass_context
 @handle_errors
 def quickstart(ctx: click.Context, cache_dir: Path, results_dir: Path, data_dir: Path | None,
-               n_budgets: int, methods: str, force: bool) -> None:
+               n_budgets: int, methods: str, seeds: int, force: bool) -> None:
     """The whole pipeline on the bundled Fashion-MNIST example, in a few minutes."""
-    from eenet.sweep import run_quickstart
+    from eenet.examples.quickstart import run_quickstart
 
     summary = run_quickstart(cache_dir=cache_dir, results_dir=results_dir, data_dir=data_dir,
-                             n_budgets=n_budgets, methods=parse_names(methods), force=force,
-                             seed=ctx.obj["seed"], device=ctx.obj["device"],
+                             n_budgets=n_budgets, methods=parse_names(methods), seeds=seeds,
+                             force=force, seed=ctx.obj["seed"], device=ctx.obj["device"],
                              verbose=ctx.obj["progress"], echo=click.echo)
     click.echo(summary)
-
-

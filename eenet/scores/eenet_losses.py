@@ -26,6 +26,7 @@ __all__ = [
     "budget_loss",
     "scoring_weights",
     "scoring_loss",
+    "loss_terms",
     "total_loss",
 ]
 
@@ -231,36 +232,61 @@ def scoring_loss(q_logit: Tensor, q_star: Tensor, r: Tensor, *,
     return (w * bce).sum() / q_logit.shape[1]
 
 
+def loss_terms(q_logit: Tensor, z: Tensor, q_star: Tensor, r_star: Tensor, costs: Tensor,
+               budget: float | Tensor, *, detach_weights: bool = True) -> dict[str, Tensor]:
+    """The three terms of EENet's objective, each a scalar with its gradient.
+
+    What training minimises (:mod:`eenet.scores.eenet`), as
+    ``scoring + alpha_ce * assignment + alpha_budget * budget``.
+
+    Args:
+        q_logit: [n_samples, n_exits] score logits (``q = sigmoid(q_logit)``).
+        z: [n_samples, n_exits] unbounded assignment logits (``r = softmax(z)``).
+        q_star: [n_samples, n_exits] scoring targets (:func:`score_targets`).
+        r_star: [n_samples, n_exits] assignment targets (:func:`assignment_targets`).
+        costs: [n_exits] cumulative exit costs.
+        budget: average budget ``B`` > 0, in the unit of ``costs``.
+        detach_weights: see :func:`scoring_loss`.
+
+    Returns:
+        ``{"scoring": L_g, "assignment": L_ce, "budget": L_budget}``.
+    """
+    _check_2d("z", z, q_logit)
+    log_r = F.log_softmax(z, dim=1)
+    r = log_r.exp()
+    return {"scoring": scoring_loss(q_logit, q_star, r, detach_weights=detach_weights),
+            "assignment": assignment_loss(log_r, r_star),
+            "budget": budget_loss(r, costs, budget)}
+
+
 def total_loss(q_logit: Tensor, z: Tensor, correct: Tensor, costs: Tensor,
                budget: float | Tensor, *, alpha_ce: float = 1.0,
-               alpha_budget: float = 1.0, detach_weights: bool = True
-               ) -> tuple[Tensor, dict[str, Tensor]]:
+               alpha_budget: float = 1.0, detach_weights: bool = True,
+               target: str = "correct") -> tuple[Tensor, dict[str, Tensor]]:
     """EENet's objective ``L = L_g + alpha_ce L_ce + alpha_budget L_budget``.
 
     Args:
         q_logit: [n_samples, n_exits] score logits (``q = sigmoid(q_logit)``).
         z: [n_samples, n_exits] unbounded assignment logits
             (``r = softmax(z, dim=1)``).
-        correct: [n_samples, n_exits] bool correctness ``q*``.
+        correct: [n_samples, n_exits] bool correctness.
         costs: [n_exits] cumulative exit costs.
         budget: average budget ``B`` > 0, in the unit of ``costs``.
         alpha_ce: weight of the assignment loss.
         alpha_budget: weight of the budget loss.
         detach_weights: see :func:`scoring_loss`.
+        target: the scoring target (:func:`score_targets`; the paper's is
+            ``"correct"``).
 
     Returns:
         ``(total, parts)``: the scalar total (with gradient) and a dict of
         detached scalars ``scoring``, ``assignment``, ``budget``, ``total``.
     """
-    _check_2d("z", z, q_logit)
-    log_r = F.log_softmax(z, dim=1)
-    r = log_r.exp()
-    q_star = correct.to(q_logit.dtype)
-    r_star = assignment_targets(correct, dtype=log_r.dtype)
-    l_g = scoring_loss(q_logit, q_star, r, detach_weights=detach_weights)
-    l_ce = assignment_loss(log_r, r_star)
-    l_b = budget_loss(r, costs, budget)
-    total = l_g + alpha_ce * l_ce + alpha_budget * l_b
-    parts = {"scoring": l_g.detach(), "assignment": l_ce.detach(), "budget": l_b.detach(),
-             "total": total.detach()}
+    q_star = score_targets(correct, target, dtype=q_logit.dtype)
+    r_star = assignment_targets(correct, dtype=q_logit.dtype)
+    terms = loss_terms(q_logit, z, q_star, r_star, costs, budget,
+                       detach_weights=detach_weights)
+    total = terms["scoring"] + alpha_ce * terms["assignment"] + alpha_budget * terms["budget"]
+    parts = {key: value.detach() for key, value in terms.items()}
+    parts["total"] = total.detach()
     return total, parts

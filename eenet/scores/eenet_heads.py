@@ -1,0 +1,293 @@
+"""EENet's per-exit scoring and assignment heads, and their training loop.
+
+Ilhan et al., "EENet: Learning to Early Exit for Adaptive Inference",
+WACV 2024, Sec. 3. For every exit k two small MLPs read the exit's features
+and the (detached) scores of the earlier exits: the scoring head g_k gives the
+score logit, the assignment head h_k an unbounded assignment logit. The
+weights of all exits and of both kinds are stored stacked, so one batched
+matrix product serves every exit's static inputs during training; the
+runtime reads one exit's scoring head at a time (:meth:`EENetHeads.score_exit`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from eenet.scores.eenet_losses import assignment_targets, loss_terms, score_targets
+
+__all__ = ["EENetHeads", "TrainConfig", "train_heads"]
+
+logger = logging.getLogger(__name__)
+
+
+class EENetHeads(nn.Module):
+    """Scoring heads g_0..g_{K-1} and assignment heads h_0..h_{K-1}, stored stacked.
+
+    Head k (either kind) is an MLP with ``depth`` hidden ReLU layers of width
+    ``hidden`` reading ``in_dim + k`` inputs: exit k's features and the
+    sigmoid scores of the k earlier exits. Mathematically this is exactly 2K
+    independent MLPs (the blocks never mix).
+
+    Parameters (W1 = 2 * hidden, or 2 when ``depth == 0``):
+        in_w [K, in_dim, W1], in_b [K, W1]: first layer, exit features
+            (columns ``[:hidden]`` feed the scoring head, ``[hidden:]`` the
+            assignment head);
+        q_w [K, K - 1, W1]: first layer, earlier scores (exit k uses k rows);
+        hid_w [K, 2, depth - 1, hidden, hidden], hid_b [K, 2, depth - 1, hidden];
+        out_w [K, 2, hidden], out_b [K, 2]: output layers (empty when depth == 0).
+    """
+
+    def __init__(self, n_exits: int, in_dim: int, hidden: int, depth: int) -> None:
+        super().__init__()
+        self.n_exits, self.in_dim, self.hidden, self.depth = n_exits, in_dim, hidden, depth
+        first = 2 * hidden if depth > 0 else 2
+        self.in_w = nn.Parameter(torch.empty(n_exits, in_dim, first))
+        self.in_b = nn.Parameter(torch.empty(n_exits, first))
+        self.q_w = nn.Parameter(torch.empty(n_exits, max(n_exits - 1, 0), first))
+        n_extra = max(depth - 1, 0)
+        self.hid_w = nn.Parameter(torch.empty(n_exits, 2, n_extra, hidden, hidden))
+        self.hid_b = nn.Parameter(torch.empty(n_exits, 2, n_extra, hidden))
+        n_out = 1 if depth > 0 else 0
+        self.out_w = nn.Parameter(torch.empty(n_exits, 2, hidden * n_out))
+        self.out_b = nn.Parameter(torch.empty(n_exits, 2 * n_out))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """nn.Linear's default initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), per head."""
+        for k in range(self.n_exits):
+            bound = 1.0 / math.sqrt(self.in_dim + k)
+            for tensor in (self.in_w[k], self.in_b[k], self.q_w[k]):
+                tensor.uniform_(-bound, bound)
+        bound = 1.0 / math.sqrt(self.hidden)
+        for tensor in (self.hid_w, self.hid_b, self.out_w, self.out_b):
+            tensor.uniform_(-bound, bound)
+
+    def _head_output(self, k: int, h: Tensor) -> Tensor:
+        """First-layer pre-activations [n, W1] of exit k -> [n, 2] (score, assignment)."""
+        if self.depth == 0:
+            return h
+        n = h.shape[0]
+        h = torch.relu(h).view(n, 2, self.hidden)  # [n, 2 (g, h), hidden]
+        for layer in range(self.depth - 1):
+            h = torch.relu(torch.einsum("nai,aij->naj", h, self.hid_w[k, :, layer])
+                           + self.hid_b[k, :, layer])
+        return (h * self.out_w[k]).sum(dim=2) + self.out_b[k]  # [n, 2]
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Score logits and assignment logits of every exit.
+
+        Args:
+            features: [n_samples, n_exits, in_dim] exit features.
+
+        Returns:
+            ``(q_logit, z)``, each [n_samples, n_exits].
+        """
+        n = features.shape[0]
+        # every exit's first layer at once: [K, n, in_dim] @ [K, in_dim, W1] -> [K, n, W1]
+        pre = torch.baddbmm(self.in_b[:, None, :], features.transpose(0, 1), self.in_w)
+        # unbind, not pre[k]: indexing would allocate a [K, n, W1] gradient per exit
+        pre_k, q_w_k = pre.unbind(0), self.q_w.unbind(0)
+        outputs: list[Tensor] = []
+        earlier = features.new_zeros(n, 0)  # sigmoid(q_0..q_{k-1}), detached, [n, k]
+        for k in range(self.n_exits):
+            h = pre_k[k] if k == 0 else pre_k[k] + earlier @ q_w_k[k][:k]
+            out = self._head_output(k, h)  # [n, 2]: score logit, assignment logit
+            outputs.append(out)
+            if k + 1 < self.n_exits:
+                earlier = torch.cat([earlier, torch.sigmoid(out[:, :1]).detach()], dim=1)
+        both = torch.stack(outputs, dim=1)  # [n, K, 2]
+        return both[..., 0], both[..., 1]
+
+    def scoring_weights(self) -> list[tuple[Tensor, ...]]:
+        """Exit by exit, the scoring head alone, for :meth:`score_exit`.
+
+        Returns, per exit k: ``(w_first [in_dim + k, H1], b_first [H1], *hidden
+        (w, b) pairs, w_out [hidden], b_out [])`` with H1 = hidden (or 1 for a
+        linear head). Detached views of the parameters.
+        """
+        cols = slice(0, self.hidden) if self.depth > 0 else slice(0, 1)
+        weights = []
+        for k in range(self.n_exits):
+            w_first = torch.cat([self.in_w[k, :, cols], self.q_w[k, :k, cols]], dim=0)
+            parts: list[Tensor] = [w_first.detach(), self.in_b[k, cols].detach()]
+            for layer in range(max(self.depth - 1, 0)):
+                parts += [self.hid_w[k, 0, layer].detach(), self.hid_b[k, 0, layer].detach()]
+            if self.depth > 0:
+                parts += [self.out_w[k, 0].detach(), self.out_b[k, 0].detach()]
+            weights.append(tuple(parts))
+        return weights
+
+
+def score_exit(weights: tuple[Tensor, ...], x: Tensor) -> Tensor:
+    """One exit's score logit ``[batch]`` from ``x = [features, earlier scores]``.
+
+    ``weights`` is one entry of :meth:`EENetHeads.scoring_weights`; the result
+    equals the scoring output of :meth:`EENetHeads.forward` for that exit.
+    """
+    h = torch.addmm(weights[1], x, weights[0])  # [batch, H1]
+    if len(weights) == 2:  # a linear head
+        return h[:, 0]
+    h = torch.relu(h)
+    for i in range(2, len(weights) - 2, 2):
+        h = torch.relu(torch.addmm(weights[i + 1], h, weights[i]))
+    return torch.mv(h, weights[-2]) + weights[-1]
+
+
+# ---------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of :func:`train_heads` (see ``EENetScorer`` for each)."""
+
+    epochs: int = 200
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    alpha_ce: float = 1.0
+    alpha_budget: float = 1.0
+    batch_size: int | None = 512
+    patience: int = 10
+    tol: float = 1e-3
+    alternate: bool = False
+    detach_weights: bool = True
+    target: str = "no_regret"
+
+
+class _Adam:
+    """Adam (Kingma & Ba, ICLR 2015) with L2 weight decay, as ``torch.optim.Adam`` computes it.
+
+    Written by hand: in torch 2.13 the first ``torch.optim`` optimizer imports
+    ``torch._dynamo``, a one-time cost of about a second, which is half of a
+    whole EENet fit on a 10,000-sample cache.
+    """
+
+    def __init__(self, params: list[Tensor], lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params, self.lr, self.wd, self.betas, self.eps = params, lr, weight_decay, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        lr = self.lr * math.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            g = p.grad if self.wd == 0 else p.grad.add(p, alpha=self.wd)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.addcdiv_(m, v.sqrt().add_(self.eps * math.sqrt(1 - b2 ** self.t)), value=-lr)
+            p.grad = None
+
+
+def _objective(net: EENetHeads, x: Tensor, q_star: Tensor, r_star: Tensor, costs: Tensor,
+               budget: float, cfg: TrainConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """(scoring term, assignment-side terms, total) of one batch, with gradients."""
+    q_logit, z = net(x)
+    terms = loss_terms(q_logit, z, q_star, r_star, costs, budget,
+                       detach_weights=cfg.detach_weights)
+    assign = cfg.alpha_ce * terms["assignment"] + cfg.alpha_budget * terms["budget"]
+    return terms["scoring"], assign, terms["scoring"] + assign
+
+
+def train_heads(net: EENetHeads, features: Tensor, correct: Tensor, costs: Tensor,
+                budget: float, train_idx: Tensor, hold_idx: Tensor, cfg: TrainConfig, *,
+                seed: int, verbose: bool = False) -> dict[str, Any]:
+    """Minimise ``L_g + alpha_ce L_ce + alpha_budget L_budget`` with Adam; early stopping.
+
+    Mini-batches are drawn from ``train_idx``; after every epoch the loss on
+    ``hold_idx`` (or on the training part when it is empty) decides whether
+    the weights are the best so far (a relative improvement of ``cfg.tol``)
+    and, after ``cfg.patience`` epochs without one, stops. The best weights
+    are restored into ``net`` at the end.
+
+    Args:
+        net: the heads, trained in place.
+        features: [n_samples, n_exits, in_dim] exit features.
+        correct: [n_samples, n_exits] bool correctness.
+        costs: [n_exits] costs divided by the last exit's, so the learning rate
+            does not depend on the cost unit.
+        budget: the budget in the same scaled unit.
+        train_idx, hold_idx: disjoint sample indices.
+        cfg: optimisation settings.
+        seed: seeds the batch order.
+        verbose: progress bar on stderr.
+
+    Returns:
+        Diagnostics: ``epochs_run``, ``best_epoch``, ``best_loss``, ``parts``
+        (loss terms at the best epoch), per-epoch ``train_loss`` and
+        ``holdout_loss``, ``early_stopping_on``, ``steps``.
+    """
+    q_star = score_targets(correct, cfg.target, dtype=torch.float32)
+    r_star = assignment_targets(correct, dtype=torch.float32)
+    x_train, q_train, r_train = features[train_idx], q_star[train_idx], r_star[train_idx]
+    on_holdout = hold_idx.numel() > 0
+    hold = hold_idx if on_holdout else train_idx
+    x_hold, q_hold, r_hold = features[hold], q_star[hold], r_star[hold]
+    params = list(net.parameters())
+    opt = _Adam(params, cfg.lr, cfg.weight_decay)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    n_train = x_train.shape[0]
+    batch = n_train if cfg.batch_size is None else min(cfg.batch_size, n_train)
+
+    train_curve: list[float] = []
+    hold_curve: list[float] = []
+    best_loss, best_epoch, best_parts = math.inf, -1, {}
+    best_state = [p.detach().clone() for p in params]
+    step, stale = 0, 0
+    bar = tqdm(range(cfg.epochs), disable=not verbose, desc="eenet fit", leave=False)
+    for epoch in bar:
+        order = torch.randperm(n_train, generator=gen).to(x_train.device) if batch < n_train \
+            else None
+        epoch_loss = torch.zeros((), device=x_train.device)
+        for begin in range(0, n_train, batch):
+            rows = slice(begin, begin + batch) if order is None else order[begin:begin + batch]
+            scoring, assign, total = _objective(net, x_train[rows], q_train[rows],
+                                                r_train[rows], costs, budget, cfg)
+            loss = total if not cfg.alternate else (scoring if step % 2 == 0 else assign)
+            loss.backward()
+            opt.step()
+            step += 1
+            epoch_loss += total.detach() * min(batch, n_train - begin)
+        train_curve.append(float(epoch_loss) / n_train)
+        with torch.no_grad():
+            q_logit, z = net(x_hold)
+            terms = loss_terms(q_logit, z, q_hold, r_hold, costs, budget,
+                               detach_weights=cfg.detach_weights)
+        parts = {"scoring": float(terms["scoring"]), "assignment": float(terms["assignment"]),
+                 "budget": float(terms["budget"])}
+        hold_loss = parts["scoring"] + cfg.alpha_ce * parts["assignment"] \
+            + cfg.alpha_budget * parts["budget"]
+        parts["total"] = hold_loss
+        hold_curve.append(hold_loss)
+        if not math.isfinite(hold_loss):
+            logger.warning("eenet fit: non-finite holdout loss at epoch %d; keeping the best "
+                           "weights so far", epoch)
+            break
+        if hold_loss < best_loss - cfg.tol * abs(best_loss) or not math.isfinite(best_loss):
+            best_loss, best_epoch, best_parts = hold_loss, epoch, parts
+            for kept, p in zip(best_state, params):
+                kept.copy_(p.detach())
+            stale = 0
+        else:
+            stale += 1
+        bar.set_postfix(train=f"{train_curve[-1]:.4f}", holdout=f"{hold_loss:.4f}")
+        if stale >= cfg.patience:
+            break
+    bar.close()
+    with torch.no_grad():
+        for kept, p in zip(best_state, params):
+            p.copy_(kept)
+    return {"epochs_run": len(train_curve), "best_epoch": best_epoch, "best_loss": best_loss,
+            "parts": best_parts, "train_loss": train_curve, "holdout_loss": hold_curve,
+            "early_stopping_on": "holdout" if on_holdout else "train", "steps": step}
