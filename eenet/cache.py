@@ -1,19 +1,21 @@
 """HDF5 exit cache: every exit's output for one dataset split, in one file.
 
 A multi-exit network is run once per split; every policy and budget after
-that works on this file alone.
+that works on this file alone. This module is the only one that imports
+h5py; it holds the reader and the writer together so the layout below is
+defined in one place (hence its length, above the usual ~500 lines).
 
 File layout (``format = "eenet-exit-cache"``, ``format_version = 1``)::
 
     /logits        float32 or float16 [n_samples, n_exits, n_classes]
-                   chunked along samples, gzip-compressed. Raw logits, or
-                   log-probabilities when the root attribute
-                   ``logits_kind == "log_probs"`` (imported probabilities).
+                   chunked along samples (``chunk_rows`` rows per chunk),
+                   shuffle + gzip level 1. Raw logits, or log-probabilities
+                   when the root attribute ``logits_kind == "log_probs"``.
     /labels        int64 [n_samples], in [0, n_classes)
     /costs         float64 [n_exits], cumulative cost of reaching each exit
                    (backbone up to the exit plus every head at or before it),
                    in ``cost_unit``
-    /sample_ids    int64 [n_samples]                       (optional)
+    /sample_ids    int64 [n_samples]: the dataset index of each row (optional)
     /<name>        float64 [n_exits], every other cost vector computed, named
                    in the root attribute ``cost_vectors`` (for example
                    ``latency_ms_batch1``, ``latency_ms_batchB``, ``flops``)
@@ -22,11 +24,30 @@ Root attributes: ``format``, ``format_version``, ``eenet_version``,
 ``model``, ``dataset``, ``split``, ``cost_unit``, ``cost_source``
 (``measured`` / ``flops`` / ``given``), ``device``, ``created`` (ISO 8601),
 ``exit_names`` (a JSON list), ``cost_vectors`` (a JSON list), ``logits_kind``,
-``seed``, and any extra string or number attributes the writer was given.
+``seed``, ``chunk_rows``, and any extra string or number attributes the writer
+was given (``costs_from`` when the costs were copied from another cache;
+``world_size`` and ``cost_rank`` when several processes made it).
 
-Files are written under a temporary name in the target directory and renamed
-only once complete, so an interrupted run never leaves a file that looks
-valid. :func:`read_cache` checks the format name and version before it reads
+Writing. Rows are gathered into whole chunks, each compressed once (by
+:func:`encode_chunk`, outside HDF5, so a writer thread compresses while the
+model computes) and stored with HDF5's direct chunk write. The file is
+written under a temporary name (:func:`eenet._validation.atomic_output`) and
+renamed only once complete, so an interrupted run never leaves a file that
+looks valid. HDF5 writes through a guarded file object: when the disk fills
+(or any write fails), later writes are discarded, HDF5 closes cleanly, the
+temporary file is deleted and the caller gets one line naming the problem.
+
+Shards and the merged file. ``eenet cache`` run by ``torchrun`` gives each
+rank a contiguous range of whole chunks; each rank writes its range to its
+own shard file, a file of this layout (``format = "eenet-exit-cache-shard"``,
+no costs) whose chunk ``i`` is chunk ``first_chunk + i`` of the whole split.
+Rank 0 then copies the shards' compressed chunks, in rank order, into one
+ordinary cache (:func:`merge_shards`, no recompression) and the shards are
+deleted. The merged file is byte for byte the layout above, so it can be
+moved or copied alone, and its rows are in the dataset's order, as a
+single-process run writes them.
+
+:func:`read_cache` checks the format name and version before it reads
 anything else, and every error names the file and the key.
 """
 from __future__ import annotations
@@ -35,7 +56,9 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import uuid
+import shutil
+import zlib
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
@@ -44,18 +67,109 @@ import h5py
 import numpy as np
 
 from eenet import __version__
-from eenet._validation import CacheError, EenetError, check_costs
-from eenet.metrics import exit_accuracy, oracle_accuracy
+from eenet._validation import (CacheError, EenetError, atomic_output, check_costs,
+                               check_labels, check_number)
+
+__all__ = ["CacheCosts", "CacheWriter", "ChunkBuffer", "ExitCache", "FORMAT_NAME", "FORMAT_VERSION",
+           "chunk_rows_for", "encode_chunk", "iter_encoded_chunks", "merge_shards",
+           "read_cache", "read_costs", "stratified_split", "summarize_cache", "write_cache"]
 
 FORMAT_NAME = "eenet-exit-cache"
+SHARD_FORMAT = "eenet-exit-cache-shard"
 FORMAT_VERSION = 1
 LogitsKind = Literal["logits", "log_probs"]
 _CHUNK_BYTES = 1 << 20  # ~1 MiB of logits per HDF5 chunk
 _READ_ROWS_BYTES = 64 << 20  # rows per block when reading or scanning
+_MIN_LABEL_CHUNK = 8192
 
 
 def _rows_per_block(n_exits: int, n_classes: int, itemsize: int, target: int) -> int:
     return max(1, target // max(1, n_exits * n_classes * itemsize))
+
+
+def chunk_rows_for(n_exits: int, n_classes: int, itemsize: int = 4,
+                   multiple_of: int = 1) -> int:
+    """Rows per HDF5 chunk: about 1 MiB of logits, a multiple of ``multiple_of``.
+
+    A multiple of the batch size keeps every batch inside one chunk, so a run
+    resumed (or sharded) at a chunk boundary sees the same batches as one run.
+
+    Example:
+        >>> chunk_rows_for(4, 10), chunk_rows_for(4, 10, multiple_of=256)
+        (6553, 6400)
+    """
+    rows = _rows_per_block(n_exits, n_classes, itemsize, _CHUNK_BYTES)
+    return max(multiple_of, rows - rows % multiple_of)
+
+
+# ---------------------------------------------------------------------------
+# the in-memory cache
+# ---------------------------------------------------------------------------
+def stratified_split(labels: np.ndarray, fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split into (rest, held-out) indices, stratified by label.
+
+    The held-out part has ``round(fraction * n_samples)`` samples, and every
+    class gives it about ``fraction`` of its members (within a sample or so).
+    Each sample gets a within-class quantile, its random rank in its class
+    plus a uniform jitter, over the class size; the lowest quantiles are held
+    out. (A per-class ``round`` would hold out nothing from classes of one or
+    two samples, and nothing at all with many small classes.) The held-out
+    part is empty when ``fraction`` is 0 or one side would be empty.
+
+    Args:
+        labels: int [n_samples] class labels.
+        fraction: share held out, in [0, 1].
+        seed: seed of the shuffle and the jitter.
+
+    Returns:
+        ``(rest_idx, held_idx)``: sorted int64 arrays that partition ``range(n_samples)``.
+
+    Example:
+        >>> rest, held = stratified_split(np.repeat([0, 1], 10), 0.3, seed=0)
+        >>> len(rest), len(held), int((held >= 10).sum())
+        (14, 6, 3)
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise EenetError(f"labels must be 1-D [n_samples], got shape {labels.shape}")
+    fraction = check_number("holdout fraction", fraction, low=0.0, high=1.0)
+    n = labels.size
+    everyone = np.arange(n)
+    n_held = int(round(fraction * n))
+    if n_held == 0 or n_held >= n:
+        return everyone, everyone[:0]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    by_class = order[np.argsort(labels[order], kind="stable")]  # grouped, shuffled within
+    _, starts, sizes = np.unique(labels[by_class], return_index=True, return_counts=True)
+    rank = np.arange(n) - np.repeat(starts, sizes)
+    quantile = (rank + rng.random(n)) / np.repeat(sizes, sizes)
+    held = np.sort(by_class[np.argsort(quantile, kind="stable")[:n_held]])
+    mask = np.ones(n, dtype=bool)
+    mask[held] = False
+    return np.flatnonzero(mask), held
+
+
+def _summary(meta: Mapping[str, Any], correct: np.ndarray) -> dict[str, Any]:
+    """What ``eenet info`` shows, from provenance and correctness [n_samples, n_exits]."""
+    n, k = correct.shape
+    return {
+        "path": meta.get("path"), "model": meta.get("model", ""),
+        "dataset": meta.get("dataset", ""), "split": meta.get("split", ""),
+        "n_samples": int(n), "n_exits": int(k), "n_classes": int(meta["n_classes"]),
+        "exit_names": list(meta["exit_names"]),
+        "costs": [float(c) for c in meta["costs"]], "cost_unit": meta["cost_unit"],
+        "cost_source": meta["cost_source"],
+        "cost_vectors": {name: [float(x) for x in v]
+                         for name, v in dict(meta["extra_costs"]).items()},
+        "exit_accuracy": [float(a) for a in correct.mean(axis=0)],
+        "last_exit_accuracy": float(correct[:, -1].mean()),
+        "oracle_accuracy": float(correct.any(axis=1).mean()),
+        "logits_dtype": str(meta["logits_dtype"]), "logits_kind": meta["logits_kind"],
+        "device": meta["attrs"].get("device", ""), "created": meta["attrs"].get("created", ""),
+        "eenet_version": meta["attrs"].get("eenet_version", ""),
+    }
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,25 +228,12 @@ class ExitCache:
         if n == 0 or k == 0 or c < 2:
             raise EenetError(f"{where}logits shape {logits.shape} needs at least one sample, "
                              f"one exit and two classes")
-        labels = np.asarray(self.labels)
-        if labels.shape != (n,):
-            raise EenetError(f"{where}labels must have shape ({n},) to match logits, "
-                             f"got {labels.shape}")
-        if not np.issubdtype(labels.dtype, np.integer):
-            if np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) \
-                    and np.all(labels == np.round(labels)):
-                labels = labels.astype(np.int64)
-            else:
-                raise EenetError(f"{where}labels must be integer class indices, "
-                                 f"got dtype {labels.dtype}")
-        labels = labels.astype(np.int64, copy=False)
-        if labels.min() < 0 or labels.max() >= c:
-            raise EenetError(f"{where}labels must lie in [0, {c}) for {c} classes, got range "
-                             f"[{labels.min()}, {labels.max()}]")
+        labels = check_labels(self.labels, n, c, where=where)
         costs = check_costs(self.costs, k, name=f"{where}costs")
         names = tuple(str(s) for s in self.exit_names) or tuple(f"exit{i}" for i in range(k))
         if len(names) != k:
-            raise EenetError(f"{where}exit_names has {len(names)} names for {k} exits")
+            raise EenetError(f"{where}exit_names has {len(names)} names for {k} exits; give "
+                             f"one name per exit")
         if self.logits_kind not in ("logits", "log_probs"):
             raise EenetError(f"{where}logits_kind must be 'logits' or 'log_probs', "
                              f"got {self.logits_kind!r}")
@@ -202,74 +303,225 @@ class ExitCache:
             sample_ids=None if self.sample_ids is None else self.sample_ids[idx])
 
     def holdout_split(self, fraction: float, seed: int = 0) -> tuple["ExitCache", "ExitCache"]:
-        """Split into (rest, held_out), stratified by label and seeded.
+        """Split into (rest, held_out) with :func:`stratified_split`.
 
         Args:
             fraction: share of samples held out, in (0, 1).
-            seed: seed of the shuffle.
+            seed: seed of the split.
 
         Returns:
             Two caches over disjoint samples; the second holds about
             ``fraction`` of every class.
+
+        Raises:
+            EenetError: a fraction outside (0, 1), or one that leaves a side empty.
         """
         if not 0 < fraction < 1:
             raise EenetError(f"holdout fraction must lie in (0, 1), got {fraction}")
-        rng = np.random.default_rng(seed)
-        held = []
-        for cls in np.unique(self.labels):
-            members = np.flatnonzero(self.labels == cls)
-            rng.shuffle(members)
-            held.append(members[: int(round(fraction * members.size))])
-        held_idx = np.sort(np.concatenate(held))
-        mask = np.ones(self.n_samples, dtype=bool)
-        mask[held_idx] = False
-        if held_idx.size == 0 or mask.sum() == 0:
+        rest, held = stratified_split(self.labels, fraction, seed)
+        if held.size == 0 or rest.size == 0:
             raise EenetError(f"holdout fraction {fraction} leaves one side empty for "
-                             f"{self.n_samples} samples")
-        return self.subset(np.flatnonzero(mask)), self.subset(held_idx)
+                             f"{self.n_samples} samples; choose a fraction between "
+                             f"{1 / self.n_samples:.3g} and {1 - 1 / self.n_samples:.3g}")
+        return self.subset(rest), self.subset(held)
 
     def summary(self) -> dict[str, Any]:
         """What ``eenet info`` shows: sizes, costs, per-exit and oracle accuracy."""
-        correct = self.correct()
-        return {
-            "path": self.path,
-            "model": self.model,
-            "dataset": self.dataset,
-            "split": self.split,
-            "n_samples": self.n_samples,
-            "n_exits": self.n_exits,
-            "n_classes": self.n_classes,
-            "exit_names": list(self.exit_names),
-            "costs": [float(c) for c in self.costs],
-            "cost_unit": self.cost_unit,
-            "cost_source": self.cost_source,
-            "cost_vectors": {k: [float(x) for x in v] for k, v in self.extra_costs.items()},
-            "exit_accuracy": [float(a) for a in exit_accuracy(correct)],
-            "last_exit_accuracy": float(correct[:, -1].mean()),
-            "oracle_accuracy": float(oracle_accuracy(correct)),
-            "logits_dtype": str(self.logits.dtype),
-            "logits_kind": self.logits_kind,
-            "device": self.attrs.get("device", ""),
-            "created": self.attrs.get("created", ""),
-            "eenet_version": self.attrs.get("eenet_version", ""),
-        }
+        meta = {"path": self.path, "model": self.model, "dataset": self.dataset,
+                "split": self.split, "n_classes": self.n_classes,
+                "exit_names": self.exit_names, "costs": self.costs,
+                "cost_unit": self.cost_unit, "cost_source": self.cost_source,
+                "extra_costs": self.extra_costs, "logits_dtype": self.logits.dtype,
+                "logits_kind": self.logits_kind, "attrs": self.attrs}
+        return _summary(meta, self.correct())
 
 
-def _scan_finite(logits: np.ndarray, name: str) -> None:
+def _scan_finite(logits: Any, name: str, offset: int = 0) -> None:
     rows = _rows_per_block(logits.shape[1], logits.shape[2], 4, _READ_ROWS_BYTES)
     for start in range(0, logits.shape[0], rows):
-        block = logits[start:start + rows]
-        bad = ~np.isfinite(block)
+        bad = ~np.isfinite(logits[start:start + rows])
         if bad.any():
             first = tuple(int(i) for i in np.argwhere(bad)[0])
             raise EenetError(f"{name} contains non-finite values (NaN or inf), first at "
-                             f"[sample {start + first[0]}, exit {first[1]}, class {first[2]}]; "
-                             f"fix the model or drop those samples")
+                             f"[sample {offset + start + first[0]}, exit {first[1]}, class "
+                             f"{first[2]}]; fix the model or drop those samples")
 
 
 # ---------------------------------------------------------------------------
-# writing
+# chunks
 # ---------------------------------------------------------------------------
+def encode_chunk(block: np.ndarray, compression: str | None = "gzip") -> bytes:
+    """The stored bytes of one logits chunk: HDF5's shuffle filter, then deflate level 1.
+
+    Written by hand so compression runs outside HDF5 (zlib releases the GIL,
+    so a writer thread compresses while the model computes): the shuffle
+    filter stores byte ``j`` of every element together, byte plane by byte
+    plane, which is a transpose of the ``[n_elements, itemsize]`` byte matrix.
+
+    Args:
+        block: a full chunk [chunk_rows, n_exits, n_classes] of the storage dtype.
+        compression: ``"gzip"`` (shuffle + deflate) or ``None`` (raw bytes).
+    """
+    raw = np.ascontiguousarray(block)
+    if compression is None:
+        return raw.tobytes()
+    planes = raw.view(np.uint8).reshape(-1, raw.dtype.itemsize).T  # [itemsize, n_elements]
+    return zlib.compress(np.ascontiguousarray(planes), 1)
+
+
+class ChunkBuffer:
+    """Gather batches of rows into whole chunks of the storage dtype, compressed once each.
+
+    Checks every batch as it comes (shape, labels in range, finite values
+    after the cast, which catches float16 overflow) and names the bad row.
+
+    Args:
+        chunk_rows, n_exits, n_classes: the chunk shape.
+        dtype: the storage dtype (float32 or float16).
+        compression: ``"gzip"`` or ``None``, as :func:`encode_chunk`.
+        where: prefix of error messages (the file being written).
+
+    Example:
+        >>> buf = ChunkBuffer(4, 2, 3, np.float32)
+        >>> [len(lab) for _, lab, _ in buf.add(np.zeros((6, 2, 3)), np.zeros(6, int))]
+        [4]
+        >>> len(buf.flush()[1])
+        2
+    """
+
+    def __init__(self, chunk_rows: int, n_exits: int, n_classes: int, dtype: Any,
+                 compression: str | None = "gzip", where: str = "") -> None:
+        self.chunk_rows, self.n_exits, self.n_classes = chunk_rows, n_exits, n_classes
+        self.dtype = np.dtype(dtype)
+        self.compression, self.where = compression, where
+        self.block = np.zeros((chunk_rows, n_exits, n_classes), self.dtype)
+        self.labels = np.zeros(chunk_rows, np.int64)
+        self.ids = np.zeros(chunk_rows, np.int64)
+        self.filled = 0
+        self.rows_seen = 0
+
+    def _cast(self, logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below, with the fix
+            cast = logits.astype(self.dtype, copy=False)
+        bad = ~np.isfinite(cast)
+        if bad.any():
+            first = np.argwhere(bad)[0]
+            hint = ("the values overflow float16; use dtype float32"
+                    if np.isfinite(logits).all() else "fix the model or the data")
+            raise EenetError(f"{self.where}logits of sample {int(ids[first[0]])} exit "
+                             f"{int(first[1])} are not finite; {hint}")
+        return cast
+
+    def add(self, logits: np.ndarray, labels: np.ndarray, sample_ids: np.ndarray | None = None
+            ) -> Iterator[tuple[bytes, np.ndarray, np.ndarray]]:
+        """Add a batch; yields every chunk it completes as ``(data, labels, sample_ids)``.
+
+        Args:
+            logits: [batch, n_exits, n_classes].
+            labels: [batch] class indices.
+            sample_ids: [batch]; default the rows' positions in the stream.
+        """
+        logits = np.asarray(logits)
+        b = logits.shape[0] if logits.ndim == 3 else -1
+        if logits.ndim != 3 or logits.shape[1:] != (self.n_exits, self.n_classes):
+            raise EenetError(f"{self.where}a batch of logits has shape {logits.shape}, "
+                             f"expected [batch, {self.n_exits}, {self.n_classes}]")
+        labels = check_labels(labels, b, self.n_classes, where=self.where)
+        ids = np.arange(self.rows_seen, self.rows_seen + b) if sample_ids is None \
+            else np.asarray(sample_ids, dtype=np.int64)
+        cast = self._cast(logits, ids)
+        self.rows_seen += b
+        done = 0
+        while done < b:
+            take = min(b - done, self.chunk_rows - self.filled)
+            rows = slice(self.filled, self.filled + take)
+            self.block[rows] = cast[done:done + take]
+            self.labels[rows] = labels[done:done + take]
+            self.ids[rows] = ids[done:done + take]
+            self.filled += take
+            done += take
+            if self.filled == self.chunk_rows:
+                yield self.flush()  # type: ignore[misc]
+
+    def flush(self) -> tuple[bytes, np.ndarray, np.ndarray] | None:
+        """The rows gathered so far as one (zero-padded) chunk; ``None`` when empty."""
+        n, self.filled = self.filled, 0
+        if n == 0:
+            return None
+        if n < self.chunk_rows:
+            self.block[n:] = 0  # an edge chunk is stored full size
+        return (encode_chunk(self.block, self.compression), self.labels[:n].copy(),
+                self.ids[:n].copy())
+
+
+class _GuardedFile:
+    """The file object HDF5 writes through: the first failed write is kept, later ones dropped.
+
+    Written by hand because HDF5 (2.0 with h5py 3.16) crashes the process when
+    a file whose write failed is closed twice, and h5py closes it again at
+    exit: after a full disk, ``eenet import`` ended in a segmentation fault.
+    Here HDF5 never sees a failed write: once one fails, writes are discarded,
+    HDF5 finishes and closes normally, and the writer re-raises the first error
+    (the file is deleted; its contents no longer matter).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.pos = 0
+        self.error: OSError | None = None
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == os.SEEK_SET:
+            self.pos = offset
+        elif whence == os.SEEK_CUR:
+            self.pos += offset
+        else:
+            self.pos = os.fstat(self.fd).st_size + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf: Any) -> int:
+        n = os.preadv(self.fd, [buf], self.pos)
+        self.pos += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = max(0, os.fstat(self.fd).st_size - self.pos)
+        data = os.pread(self.fd, size, self.pos)
+        self.pos += len(data)
+        return data
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(self.fd, view[done:], self.pos + done)
+            except OSError as err:
+                self.error = err
+        self.pos += len(view)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.pos if size is None else size
+        if self.error is None:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as err:
+                self.error = err
+        return size
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def _attr_value(value: Any) -> Any:
     if isinstance(value, str):
         return str(value)  # h5py refuses str subclasses such as torch.__version__
@@ -278,13 +530,23 @@ def _attr_value(value: Any) -> Any:
     return json.dumps(value)
 
 
+def _unlink_on_error(path: Path) -> Any:
+    def exit_(exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is not None:
+            path.unlink(missing_ok=True)
+        return False
+    return exit_
+
+
 class CacheWriter:
     """Stream an exit cache to disk batch by batch; the file appears only when complete.
 
-    Use as a context manager. Rows are appended with :meth:`write`; costs are
-    set with :meth:`set_costs` before the block ends. On an exception inside
-    the block, or when no rows or no costs were written, the temporary file is
-    deleted and nothing is left at ``path``.
+    Use as a context manager. Rows are appended with :meth:`write` (or whole
+    compressed chunks with :meth:`write_chunk`); costs are set with
+    :meth:`set_costs` before the block ends. On an exception inside the block,
+    or when no rows or no costs were written, the temporary file is deleted
+    and nothing is left at ``path``. A write that fails (a full disk) becomes
+    one line naming the path and the fix, with nothing left behind.
 
     Args:
         path: target ``.h5`` path; its directory must exist.
@@ -293,6 +555,14 @@ class CacheWriter:
         logits_kind: ``"logits"`` or ``"log_probs"``.
         model, dataset, split, exit_names, attrs: provenance written as root
             attributes.
+        compression: ``"gzip"`` (shuffle + deflate, default) or ``None``.
+        with_sample_ids: store ``sample_ids`` (the rows' dataset indices).
+        chunk_rows: rows per chunk (default about 1 MiB of logits).
+        expected_rows: the number of rows to come, if known: once the first
+            chunk is compressed the file's size is extrapolated, and a disk
+            too small for it stops the run at once.
+        shard: write a shard (no costs; merged by :func:`merge_shards`)
+            straight to ``path`` instead of a finished cache.
 
     Example:
         >>> import numpy as np, tempfile, os
@@ -309,13 +579,19 @@ class CacheWriter:
                  logits_kind: LogitsKind = "logits", model: str = "", dataset: str = "",
                  split: str = "", exit_names: Sequence[str] | None = None,
                  attrs: Mapping[str, Any] | None = None, compression: str | None = "gzip",
-                 with_sample_ids: bool = False) -> None:
+                 with_sample_ids: bool = False, chunk_rows: int | None = None,
+                 expected_rows: int | None = None, shard: bool = False) -> None:
         self.path = Path(path)
         if dtype not in ("float32", "float16"):
-            raise EenetError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+            raise EenetError(f"unknown dtype {dtype!r}; choose one of: float16, float32")
+        if compression not in ("gzip", None):
+            raise EenetError(f"compression must be 'gzip' or None, got {compression!r}")
         if not self.path.parent.is_dir():
             raise CacheError(f"{self.path}: output directory {self.path.parent} does not "
-                             f"exist; create it first")
+                             f"exist; create it first (mkdir -p {self.path.parent})")
+        if self.path.is_dir():
+            raise CacheError(f"{self.path}: is a directory; give a file name such as "
+                             f"{self.path / 'val.h5'}")
         self.n_exits, self.n_classes = int(n_exits), int(n_classes)
         self.dtype = np.dtype(dtype)
         self.logits_kind = logits_kind
@@ -324,72 +600,152 @@ class CacheWriter:
                                                                for i in range(self.n_exits)]
         if len(self.exit_names) != self.n_exits:
             raise EenetError(f"exit_names has {len(self.exit_names)} names for "
-                             f"{self.n_exits} exits")
+                             f"{self.n_exits} exits; give one name per exit")
         self.attrs = dict(attrs or {})
         self.compression = compression
         self.with_sample_ids = with_sample_ids
+        self.chunk_rows = int(chunk_rows or chunk_rows_for(self.n_exits, self.n_classes,
+                                                           self.dtype.itemsize))
+        self.expected_rows = expected_rows
+        self.shard = shard
         self.n_written = 0
         self._costs: dict[str, Any] | None = None
         self._file: h5py.File | None = None
-        self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        self._guard: _GuardedFile | None = None
+        self._stack = ExitStack()
+        self._buffer = ChunkBuffer(self.chunk_rows, self.n_exits, self.n_classes, self.dtype,
+                                   compression, where=f"{self.path}: ")
 
+    # ---- opening and closing ----------------------------------------------
     def __enter__(self) -> "CacheWriter":
-        rows = _rows_per_block(self.n_exits, self.n_classes, self.dtype.itemsize, _CHUNK_BYTES)
-        try:
-            f = h5py.File(self._tmp, "w")
-        except OSError as err:
-            raise CacheError(f"{self.path}: cannot create the file ({err})") from None
-        self._file = f
-        comp = {"compression": self.compression, "compression_opts": 1, "shuffle": True} \
-            if self.compression == "gzip" else {"compression": self.compression}
-        f.create_dataset("logits", shape=(0, self.n_exits, self.n_classes), dtype=self.dtype,
-                         maxshape=(None, self.n_exits, self.n_classes),
-                         chunks=(rows, self.n_exits, self.n_classes), **comp)
-        f.create_dataset("labels", shape=(0,), dtype=np.int64, maxshape=(None,),
-                         chunks=(max(rows, 1024),))
-        if self.with_sample_ids:
-            f.create_dataset("sample_ids", shape=(0,), dtype=np.int64, maxshape=(None,),
-                             chunks=(max(rows, 1024),))
+        with ExitStack() as stack:
+            if self.shard:
+                tmp = self.path
+                stack.push(_unlink_on_error(tmp))
+            else:
+                tmp = stack.enter_context(atomic_output(self.path))
+            self._guard = _GuardedFile(tmp)
+            stack.callback(self._guard.close)
+            self._file = self._h5(lambda: h5py.File(self._guard, "w"), "create the file")
+            stack.callback(self._close_h5)
+            self._h5(self._create_datasets, "create the datasets")
+            self._stack = stack.pop_all()
         return self
 
+    def _create_datasets(self) -> None:
+        f, r = self._file, self.chunk_rows
+        comp: dict[str, Any] = {"compression": "gzip", "compression_opts": 1,
+                                "shuffle": True} if self.compression == "gzip" else {}
+        f.create_dataset("logits", shape=(0, self.n_exits, self.n_classes), dtype=self.dtype,
+                         maxshape=(None, self.n_exits, self.n_classes),
+                         chunks=(r, self.n_exits, self.n_classes), **comp)
+        label_chunk = max(r, _MIN_LABEL_CHUNK)
+        names = ["labels"] + (["sample_ids"] if self.with_sample_ids else [])
+        for name in names:
+            f.create_dataset(name, shape=(0,), dtype=np.int64, maxshape=(None,),
+                             chunks=(label_chunk,))
+
+    def _close_h5(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            try:
+                f.close()
+            except Exception:  # nothing is kept of a failed file; the guard holds the cause
+                pass
+
+    def _h5(self, fn: Any, what: str) -> Any:
+        """Run one h5py step; a failed disk write or an HDF5 error becomes one line."""
+        try:
+            out = fn()
+        except (OSError, RuntimeError, ValueError, KeyError) as err:
+            if self._guard is not None and self._guard.error is not None:
+                raise self._guard.error from None
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CacheError(f"{self.path}: HDF5 could not {what} ({text}); check the disk "
+                             f"and write to another path") from None
+        if self._guard is not None and self._guard.error is not None:
+            raise self._guard.error
+        return out
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        stack, self._stack = self._stack, ExitStack()
+        if exc_type is not None:
+            # The temporary file goes; an OSError (a full disk) becomes one line.
+            return bool(stack.__exit__(exc_type, exc, tb))
+        with stack:
+            if self.n_written + self._buffer.filled == 0:
+                raise EenetError(f"{self.path}: no samples were written; the dataset is "
+                                 f"empty")
+            if self._costs is None and not self.shard:
+                raise EenetError(f"{self.path}: no per-exit costs were set; call "
+                                 f"set_costs() before the block ends")
+            last = self._buffer.flush()
+            if last is not None:
+                self._store(*last)
+            self._h5(self._finish, "write the costs and attributes")
+            f, self._file = self._file, None
+            self._h5(f.close, "close the file")
+            if self._guard is not None and self._guard.error is not None:
+                raise self._guard.error
+        return False
+
+    # ---- rows ----------------------------------------------------------------
     def write(self, logits: np.ndarray, labels: np.ndarray,
               sample_ids: np.ndarray | None = None) -> None:
-        """Append a batch: ``logits`` [batch, n_exits, n_classes], ``labels`` [batch]."""
+        """Append a batch: ``logits`` [batch, n_exits, n_classes], ``labels`` [batch].
+
+        ``sample_ids`` [batch] default to the rows' positions.
+        """
         if self._file is None:
             raise RuntimeError("CacheWriter.write() called outside its `with` block")
-        logits = np.asarray(logits)
-        labels = np.asarray(labels)
-        b = logits.shape[0] if logits.ndim == 3 else -1
-        if logits.shape[1:] != (self.n_exits, self.n_classes) or logits.ndim != 3:
-            raise EenetError(f"{self.path}: a batch of logits has shape {logits.shape}, "
-                             f"expected [batch, {self.n_exits}, {self.n_classes}]")
-        if labels.shape != (b,):
-            raise EenetError(f"{self.path}: a batch of {b} logits came with labels of shape "
-                             f"{labels.shape}")
-        with np.errstate(over="ignore"):  # overflow is reported below, with the fix
-            cast = logits.astype(self.dtype, copy=False)
-        bad = ~np.isfinite(cast)
-        if bad.any():
-            first = np.argwhere(bad)[0]
-            hint = ("the values overflow float16; use dtype float32"
-                    if np.isfinite(logits).all() else "fix the model or the data")
-            raise EenetError(f"{self.path}: logits of sample {self.n_written + int(first[0])} "
-                             f"exit {int(first[1])} are not finite; {hint}")
-        if labels.size and (labels.min() < 0 or labels.max() >= self.n_classes):
-            raise EenetError(f"{self.path}: labels must lie in [0, {self.n_classes}), got "
-                             f"[{labels.min()}, {labels.max()}]")
-        f = self._file
-        start, stop = self.n_written, self.n_written + b
-        f["logits"].resize(stop, axis=0)
-        f["logits"][start:stop] = cast
-        f["labels"].resize(stop, axis=0)
-        f["labels"][start:stop] = labels.astype(np.int64)
-        if self.with_sample_ids:
-            ids = np.arange(start, stop) if sample_ids is None else np.asarray(sample_ids)
-            f["sample_ids"].resize(stop, axis=0)
-            f["sample_ids"][start:stop] = ids.astype(np.int64)
+        for chunk in self._buffer.add(logits, labels, sample_ids):
+            self._store(*chunk)
+
+    def write_chunk(self, data: bytes, labels: np.ndarray, sample_ids: np.ndarray) -> None:
+        """Append one compressed chunk as :func:`encode_chunk` made it (for merges).
+
+        Args:
+            data: the chunk's stored bytes, ``chunk_rows`` rows of this writer's
+                dtype and compression.
+            labels, sample_ids: int64 [rows], ``rows <= chunk_rows``; only the
+                last chunk of a file may be short.
+        """
+        if self._file is None:
+            raise RuntimeError("CacheWriter.write_chunk() called outside its `with` block")
+        if self._buffer.filled or self.n_written % self.chunk_rows:
+            raise RuntimeError("write_chunk() after a short chunk or a partial write()")
+        self._store(data, np.asarray(labels, np.int64), np.asarray(sample_ids, np.int64))
+
+    def _store(self, data: bytes, labels: np.ndarray, ids: np.ndarray) -> None:
+        start, stop = self.n_written, self.n_written + labels.shape[0]
+        self._check_space(len(data))
+
+        def put() -> None:
+            f = self._file
+            f["logits"].resize(stop, axis=0)
+            f["logits"].id.write_direct_chunk((start, 0, 0), data, 0)
+            f["labels"].resize(stop, axis=0)
+            f["labels"][start:stop] = labels
+            if self.with_sample_ids:
+                f["sample_ids"].resize(stop, axis=0)
+                f["sample_ids"][start:stop] = ids
+
+        self._h5(put, "write a chunk")
         self.n_written = stop
 
+    def _check_space(self, chunk_bytes: int) -> None:
+        """After the first chunk: stop at once if the disk cannot hold the whole file."""
+        if self.n_written or not self.expected_rows or self.expected_rows <= self.chunk_rows:
+            return
+        need = chunk_bytes * -(-self.expected_rows // self.chunk_rows) + \
+            16 * self.expected_rows + (1 << 20)
+        free = shutil.disk_usage(self.path.parent).free
+        if need > free:
+            raise CacheError(f"{self.path}: the cache needs about {need / 2**20:.0f} MiB but "
+                             f"{free / 2**20:.0f} MiB are free on that disk; free some space "
+                             f"or write to another disk")
+
+    # ---- costs and attributes --------------------------------------------
     def set_costs(self, costs: Sequence[float], *, cost_unit: str, cost_source: str,
                   extra: Mapping[str, Sequence[float]] | None = None) -> None:
         """Record the chosen cumulative cost vector and every other one computed."""
@@ -400,53 +756,28 @@ class CacheWriter:
                       for k, v in dict(extra or {}).items()},
         }
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        f, self._file = self._file, None
-        try:
-            if exc_type is None:
-                if self.n_written == 0:
-                    raise EenetError(f"{self.path}: no samples were written; the dataset "
-                                     f"is empty")
-                if self._costs is None:
-                    raise EenetError(f"{self.path}: no per-exit costs were set")
-                self._finish(f)
-            f.close()
-            if exc_type is None:
-                os.replace(self._tmp, self.path)
-        except BaseException:
-            try:
-                f.close()
-            except Exception:  # already closed or broken; the file goes anyway
-                pass
-            self._tmp.unlink(missing_ok=True)
-            raise
-        finally:
-            if exc_type is not None:
-                self._tmp.unlink(missing_ok=True)
-
-    def _finish(self, f: h5py.File) -> None:
-        costs = self._costs
-        assert costs is not None
-        f.create_dataset("costs", data=costs["costs"])
+    def _finish(self) -> None:
+        f = self._file
+        costs = self._costs or {"costs": None, "cost_unit": "", "cost_source": "",
+                                "extra": {}}
+        if costs["costs"] is not None:
+            f.create_dataset("costs", data=costs["costs"])
         for name, vec in costs["extra"].items():
             if name in f:
                 raise EenetError(f"{self.path}: cost vector name {name!r} clashes with a "
-                                 f"dataset of the cache")
+                                 f"dataset of the cache; rename it")
             f.create_dataset(name, data=vec)
         attrs = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-            "eenet_version": __version__, "cost_unit": costs["cost_unit"],
-            "cost_source": costs["cost_source"], "logits_kind": self.logits_kind,
-            "exit_names": json.dumps(self.exit_names),
+            "format": SHARD_FORMAT if self.shard else FORMAT_NAME,
+            "format_version": FORMAT_VERSION, "eenet_version": __version__,
+            "cost_unit": costs["cost_unit"], "cost_source": costs["cost_source"],
+            "logits_kind": self.logits_kind, "exit_names": json.dumps(self.exit_names),
             "cost_vectors": json.dumps(sorted(costs["extra"])),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "device": "", "seed": -1, **self.meta,
+            "chunk_rows": self.chunk_rows, "device": "", "seed": -1, **self.meta,
         }
         reserved = set(attrs) - {"device", "seed", "created"}
-        for key, value in self.attrs.items():
-            if key in reserved:
-                continue
-            attrs[key] = value
+        attrs.update({k: v for k, v in self.attrs.items() if k not in reserved})
         for key, value in attrs.items():
             f.attrs[key] = _attr_value(value)
 
@@ -461,12 +792,12 @@ def write_cache(path: str | os.PathLike, cache: ExitCache, *,
         dtype: storage dtype of the logits; defaults to the cache's own.
     """
     dtype = dtype or ("float16" if cache.logits.dtype == np.float16 else "float32")
-    rows = _rows_per_block(cache.n_exits, cache.n_classes, 4, _READ_ROWS_BYTES)
-    attrs = dict(cache.attrs)
     with CacheWriter(path, n_exits=cache.n_exits, n_classes=cache.n_classes, dtype=dtype,
                      logits_kind=cache.logits_kind, model=cache.model, dataset=cache.dataset,
-                     split=cache.split, exit_names=cache.exit_names, attrs=attrs,
-                     with_sample_ids=cache.sample_ids is not None) as w:
+                     split=cache.split, exit_names=cache.exit_names, attrs=dict(cache.attrs),
+                     with_sample_ids=cache.sample_ids is not None,
+                     expected_rows=cache.n_samples) as w:
+        rows = w.chunk_rows
         for start in range(0, cache.n_samples, rows):
             sl = slice(start, start + rows)
             w.write(cache.logits[sl], cache.labels[sl],
@@ -476,6 +807,71 @@ def write_cache(path: str | os.PathLike, cache: ExitCache, *,
     return Path(path)
 
 
+def iter_encoded_chunks(path: str | os.PathLike
+                        ) -> Iterator[tuple[bytes, np.ndarray, np.ndarray]]:
+    """The stored chunks of a cache or shard, in order: ``(data, labels, sample_ids)``.
+
+    ``data`` is a chunk's compressed bytes as :func:`encode_chunk` makes them;
+    labels and ids are int64 [rows] (ids are the row positions when the file
+    stores none).
+    """
+    path = Path(path)
+    with _open_checked(path, (FORMAT_NAME, SHARD_FORMAT)) as f:
+        ds = f["logits"]
+        rows = ds.chunks[0]
+        n = ds.shape[0]
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            try:
+                mask, data = ds.id.read_direct_chunk((start, 0, 0))
+            except (OSError, RuntimeError, KeyError) as err:
+                raise CacheError(f"{path}: chunk at row {start} of 'logits' cannot be read "
+                                 f"({str(err).splitlines()[0]}); the file is damaged, "
+                                 f"rebuild it") from None
+            if mask:
+                raise CacheError(f"{path}: chunk at row {start} was stored with filters "
+                                 f"skipped; it cannot be copied, rebuild the file")
+            ids = f["sample_ids"][start:stop] if "sample_ids" in f else np.arange(start, stop)
+            yield bytes(data), f["labels"][start:stop], ids
+
+
+def merge_shards(out: str | os.PathLike, shards: Sequence[str | os.PathLike], *,
+                 costs: Sequence[float], cost_unit: str, cost_source: str,
+                 extra: Mapping[str, Sequence[float]] | None = None,
+                 **writer_args: Any) -> Path:
+    """Copy shards' compressed chunks, in order, into one cache at ``out`` (atomically).
+
+    Args:
+        out: the merged cache.
+        shards: shard files in sample order; every one but the last holds whole chunks.
+        costs, cost_unit, cost_source, extra: the merged cache's costs.
+        **writer_args: :class:`CacheWriter` arguments (dims, dtype, provenance);
+            ``chunk_rows`` must equal the shards'.
+
+    Raises:
+        CacheError: a shard is missing, damaged, or has another chunk layout.
+    """
+    writer = CacheWriter(out, **writer_args)
+    with writer:
+        for i, shard in enumerate(shards):
+            shard = Path(shard)
+            if not shard.is_file():
+                raise CacheError(f"{shard}: shard {i} is missing; every rank must write to a "
+                                 f"directory rank 0 can read (a shared filesystem)")
+            with _open_checked(shard, (SHARD_FORMAT,)) as f:
+                ds = f["logits"]
+                layout = (ds.chunks, ds.dtype, ds.compression)
+            want = ((writer.chunk_rows, writer.n_exits, writer.n_classes), writer.dtype,
+                    writer.compression)
+            if layout != want:
+                raise CacheError(f"{shard}: chunk layout {layout} differs from the merged "
+                                 f"file's {want}; rerun all ranks with the same arguments")
+            for data, labels, ids in iter_encoded_chunks(shard):
+                writer.write_chunk(data, labels, ids)
+        writer.set_costs(costs, cost_unit=cost_unit, cost_source=cost_source, extra=extra)
+    return Path(out)
+
+
 # ---------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------
@@ -483,7 +879,7 @@ def _attr(f: h5py.File, path: Path, key: str, default: Any = None) -> Any:
     if key not in f.attrs:
         if default is None:
             raise CacheError(f"{path}: root attribute {key!r} is missing; the file is not a "
-                             f"complete eenet exit cache")
+                             f"complete eenet exit cache, rebuild it")
         return default
     value = f.attrs[key]
     if isinstance(value, bytes):
@@ -493,25 +889,86 @@ def _attr(f: h5py.File, path: Path, key: str, default: Any = None) -> Any:
     return value
 
 
-def _read_dataset(f: h5py.File, path: Path, key: str) -> np.ndarray:
+class _open_checked:
+    """Open ``path`` read-only after checking it is an HDF5 file of an accepted format."""
+
+    def __init__(self, path: Path, formats: Sequence[str] = (FORMAT_NAME,)) -> None:
+        self.path, self.formats = Path(path), tuple(formats)
+
+    def __enter__(self) -> h5py.File:
+        path = self.path
+        if not path.is_file():
+            raise CacheError(f"{path}: no such file; build it with `eenet cache` or "
+                             f"`eenet import`")
+        try:
+            is_h5 = h5py.is_hdf5(path)
+        except OSError:
+            is_h5 = False
+        if not is_h5:
+            raise CacheError(f"{path}: not an HDF5 file (truncated or not an exit cache); "
+                             f"rebuild it with `eenet cache` or `eenet import`")
+        try:
+            self.f = h5py.File(path, "r")
+        except OSError as err:
+            raise CacheError(f"{path}: cannot open the HDF5 file ({str(err).splitlines()[0]});"
+                             f" it is corrupt, rebuild it") from None
+        fmt = self.f.attrs.get("format")
+        fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+        if fmt not in self.formats:
+            self.f.close()
+            raise CacheError(f"{path}: attribute 'format' is {fmt!r}, expected "
+                             f"{self.formats[0]!r}; this HDF5 file is not an eenet exit cache")
+        version = int(_attr(self.f, path, "format_version"))
+        if version > FORMAT_VERSION:
+            self.f.close()
+            raise CacheError(f"{path}: format_version {version} is newer than this eenet "
+                             f"reads ({FORMAT_VERSION}); upgrade eenet")
+        return self.f
+
+    def __exit__(self, *exc: Any) -> None:
+        self.f.close()
+
+
+def _read_dataset(f: h5py.File, path: Path, key: str, rows: slice | None = None) -> np.ndarray:
     if key not in f:
         raise CacheError(f"{path}: dataset {key!r} is missing; the file is not a complete "
                          f"eenet exit cache (rebuild it with `eenet cache` or `eenet import`)")
     ds = f[key]
     if not isinstance(ds, h5py.Dataset):
-        raise CacheError(f"{path}: {key!r} is not a dataset")
+        raise CacheError(f"{path}: {key!r} is not a dataset; rebuild the file")
     try:
-        if ds.ndim == 3:
+        if ds.ndim == 3 and rows is None:
             out = np.empty(ds.shape, dtype=ds.dtype)
-            rows = _rows_per_block(ds.shape[1], ds.shape[2], ds.dtype.itemsize,
+            step = _rows_per_block(ds.shape[1], ds.shape[2], ds.dtype.itemsize,
                                    _READ_ROWS_BYTES)
-            for start in range(0, ds.shape[0], rows):
-                ds.read_direct(out, np.s_[start:start + rows], np.s_[start:start + rows])
+            for start in range(0, ds.shape[0], step):
+                ds.read_direct(out, np.s_[start:start + step], np.s_[start:start + step])
             return out
-        return ds[()]
+        return ds[()] if rows is None else ds[rows]
     except (OSError, ValueError, TypeError) as err:
         raise CacheError(f"{path}: dataset {key!r} cannot be read, the file is corrupt "
                          f"({str(err).splitlines()[0]}); rebuild it") from None
+
+
+def _read_meta(f: h5py.File, path: Path) -> dict[str, Any]:
+    """Everything but the logits: labels, costs, ids, cost vectors and attributes."""
+    try:
+        names = tuple(json.loads(_attr(f, path, "exit_names", "[]")))
+        vector_names = json.loads(_attr(f, path, "cost_vectors", "[]"))
+    except json.JSONDecodeError:
+        raise CacheError(f"{path}: attribute 'exit_names' or 'cost_vectors' is not "
+                         f"valid JSON; rebuild the file") from None
+    known = {"format", "format_version", "cost_unit", "cost_source", "logits_kind",
+             "exit_names", "cost_vectors", "model", "dataset", "split"}
+    return {
+        "costs": _read_dataset(f, path, "costs"),
+        "extra_costs": {name: _read_dataset(f, path, name) for name in vector_names},
+        "exit_names": names, "attrs": {k: _attr(f, path, k) for k in f.attrs if k not in known},
+        "cost_unit": str(_attr(f, path, "cost_unit")),
+        "cost_source": str(_attr(f, path, "cost_source", "given")),
+        "logits_kind": str(_attr(f, path, "logits_kind", "logits")),
+        **{k: str(_attr(f, path, k, "")) for k in ("model", "dataset", "split")},
+    }
 
 
 def read_cache(path: str | os.PathLike) -> ExitCache:
@@ -529,58 +986,114 @@ def read_cache(path: str | os.PathLike) -> ExitCache:
             message names the file and the key.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CacheError(f"{path}: no such file; build it with `eenet cache` or "
-                         f"`eenet import`")
-    try:
-        is_h5 = h5py.is_hdf5(path)
-    except OSError:
-        is_h5 = False
-    if not is_h5:
-        raise CacheError(f"{path}: not an HDF5 file (truncated or not an exit cache); "
-                         f"rebuild it with `eenet cache` or `eenet import`")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise CacheError(f"{path}: cannot open the HDF5 file ({str(err).splitlines()[0]}); "
-                         f"it is corrupt, rebuild it") from None
-    with f:
-        fmt = f.attrs.get("format")
-        fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
-        if fmt != FORMAT_NAME:
-            raise CacheError(f"{path}: attribute 'format' is {fmt!r}, expected "
-                             f"{FORMAT_NAME!r}; this HDF5 file is not an eenet exit cache")
-        version = int(_attr(f, path, "format_version"))
-        if version > FORMAT_VERSION:
-            raise CacheError(f"{path}: format_version {version} is newer than this eenet "
-                             f"reads ({FORMAT_VERSION}); upgrade eenet")
+    with _open_checked(path) as f:
         logits = _read_dataset(f, path, "logits")
         labels = _read_dataset(f, path, "labels")
-        costs = _read_dataset(f, path, "costs")
         ids = _read_dataset(f, path, "sample_ids") if "sample_ids" in f else None
-        try:
-            names = tuple(json.loads(_attr(f, path, "exit_names", "[]")))
-            vector_names = json.loads(_attr(f, path, "cost_vectors", "[]"))
-        except json.JSONDecodeError:
-            raise CacheError(f"{path}: attribute 'exit_names' or 'cost_vectors' is not "
-                             f"valid JSON") from None
-        extra = {name: _read_dataset(f, path, name) for name in vector_names}
-        known = {"format", "format_version", "cost_unit", "cost_source", "logits_kind",
-                 "exit_names", "cost_vectors", "model", "dataset", "split"}
-        attrs = {k: _attr(f, path, k) for k in f.attrs if k not in known}
-        meta = {k: str(_attr(f, path, k, "")) for k in ("model", "dataset", "split")}
-        cost_unit = str(_attr(f, path, "cost_unit"))
-        cost_source = str(_attr(f, path, "cost_source", "given"))
-        logits_kind = str(_attr(f, path, "logits_kind", "logits"))
+        meta = _read_meta(f, path)
     if logits.ndim != 3:
         raise CacheError(f"{path}: dataset 'logits' has shape {logits.shape}, expected "
-                         f"[n_samples, n_exits, n_classes]")
+                         f"[n_samples, n_exits, n_classes]; rebuild the file")
     try:
-        return ExitCache(logits=logits, labels=labels, costs=costs, cost_unit=cost_unit,
-                         cost_source=cost_source, exit_names=names, logits_kind=logits_kind,
-                         extra_costs=extra, sample_ids=ids, attrs=attrs, path=str(path),
-                         **meta)
+        return ExitCache(logits=logits, labels=labels, sample_ids=ids, path=str(path), **meta)
     except CacheError:
         raise
     except EenetError as err:
         raise CacheError(str(err)) from None
+
+
+@dataclass(frozen=True, eq=False)
+class CacheCosts:
+    """A cache's cost vectors and where they came from, read without its logits.
+
+    Attributes:
+        costs: [n_exits] the chosen cumulative costs.
+        cost_unit, cost_source: as in :class:`ExitCache`.
+        extra_costs: every other cost vector, by name.
+        model: the model the cache was made with.
+        device: where the costs were measured (empty when unknown).
+        path: the file read.
+        shape: ``(n_samples, n_exits, n_classes)`` of the cache's logits.
+    """
+
+    costs: np.ndarray
+    cost_unit: str
+    cost_source: str
+    extra_costs: dict[str, np.ndarray]
+    model: str
+    device: str
+    path: str
+    shape: tuple[int, int, int] = (0, 0, 0)
+
+    def matching(self, n_exits: int) -> "CacheCosts":
+        """These costs, checked to have one value per exit of a network with ``n_exits``."""
+        if self.costs.size != n_exits:
+            raise EenetError(f"--costs-from {self.path} has costs for {self.costs.size} exits "
+                             f"but this network has {n_exits}; use a cache of the same network")
+        return self
+
+    @property
+    def provenance(self) -> dict[str, str]:
+        """Root attributes of a cache that copies these costs."""
+        return {"costs_from": os.path.abspath(self.path), "costs_device": self.device}
+
+
+def read_costs(path: str | os.PathLike) -> CacheCosts:
+    """Read only the costs of an exit cache (for ``--costs-from``); the logits stay on disk.
+
+    Raises:
+        CacheError: the file is not an exit cache, or its costs are damaged.
+    """
+    path = Path(path)
+    with _open_checked(path) as f:
+        meta = _read_meta(f, path)
+        shape = tuple(int(d) for d in f["logits"].shape) if "logits" in f else (0, 0, 0)
+        n_exits = shape[1] if len(shape) == 3 and shape[1] else None
+    try:
+        costs = check_costs(meta["costs"], n_exits, name=f"{path}: costs")
+        extra = {k: check_costs(v, n_exits, name=f"{path}: {k}")
+                 for k, v in meta["extra_costs"].items()}
+    except EenetError as err:
+        raise CacheError(str(err)) from None
+    attrs = meta["attrs"]
+    device = str(attrs.get("costs_device") or attrs.get("device") or "")
+    return CacheCosts(costs, meta["cost_unit"], meta["cost_source"], extra, meta["model"],
+                      device, str(path), shape)  # type: ignore[arg-type]
+
+
+def summarize_cache(path: str | os.PathLike) -> dict[str, Any]:
+    """:meth:`ExitCache.summary` of a file, reading its logits block by block.
+
+    Only the arg-max of each block is kept, so the memory needed is one block
+    (about 64 MiB) plus ``[n_samples, n_exits]`` predictions, whatever the
+    cache's size.
+
+    Raises:
+        CacheError: as :func:`read_cache`, including non-finite logits.
+    """
+    path = Path(path)
+    with _open_checked(path) as f:
+        meta = _read_meta(f, path)
+        ds = f["logits"] if "logits" in f else None
+        if ds is None or ds.ndim != 3:
+            raise CacheError(f"{path}: dataset 'logits' is missing or not "
+                             f"[n_samples, n_exits, n_classes]; rebuild the file")
+        n, k, c = ds.shape
+        try:
+            labels = check_labels(_read_dataset(f, path, "labels"), n, c, where=f"{path}: ")
+            check_costs(meta["costs"], k, name=f"{path}: costs")
+        except EenetError as err:
+            raise CacheError(str(err)) from None
+        step = _rows_per_block(k, c, ds.dtype.itemsize, _READ_ROWS_BYTES)
+        step = max(ds.chunks[0], step - step % ds.chunks[0])  # whole chunks per read
+        pred = np.empty((n, k), dtype=np.int64)
+        for start in range(0, n, step):
+            block = _read_dataset(f, path, "logits", slice(start, start + step))
+            try:
+                _scan_finite(block, f"{path}: logits", offset=start)
+            except EenetError as err:
+                raise CacheError(str(err)) from None
+            pred[start:start + step] = block.argmax(axis=2)
+        meta.update(path=str(path), n_classes=c, logits_dtype=ds.dtype,
+                    exit_names=meta["exit_names"] or tuple(f"exit{i}" for i in range(k)))
+    return _summary(meta, pred == labels[:, None])

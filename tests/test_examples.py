@@ -15,7 +15,8 @@ from eenet.examples import fashion_mnist as fm
 from eenet.examples.models import (CHECKPOINTS, PACKAGE_DIR, MultiExitCNN, fashion_mnist_cnn4,
                                    fashion_mnist_cnn6, load_checkpoint)
 from eenet.examples.train import save_checkpoint
-from eenet.ingest.model import cache_model, measure_costs
+from eenet.ingest.costs import measure_costs
+from eenet.ingest.model import cache_model
 
 
 class TestMultiExitCNN:

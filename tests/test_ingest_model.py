@@ -1,7 +1,7 @@
-"""Tests of eenet.ingest.model: loading models and data, streaming exits, costs, cache_model."""
+"""Tests of eenet.ingest: loading models (model.py) and data (data.py), streaming exits,
+per-exit costs (costs.py) and cache_model."""
 from __future__ import annotations
 
-import logging
 import sys
 import warnings
 from pathlib import Path
@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from eenet._validation import CacheError, EenetError
+import eenet.examples  # noqa: F401  (registers fashion-mnist)
+from eenet._validation import CacheError, EenetError, resolve_device
 from eenet.cache import read_cache
-from eenet.ingest.model import (CostReport, cache_model, load_dataset, load_model, measure_costs,
-                         resolve_device, run_exits)
+from eenet.ingest.costs import CostReport, measure_costs
+from eenet.ingest.data import load_dataset
+from eenet.ingest.model import cache_model, load_model, run_exits
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the factories below live in tests/_toy_models.py
@@ -165,8 +167,9 @@ class TestLoadDataset:
     @pytest.mark.parametrize("spec, match", [
         ("_toy_models:unlabelled", "yields a tuple of 1 .* expected \\(input, label\\) pairs"),
         ("_toy_models:float_labels", "label of item 0 is float 0.5; expected an int"),
-        ("nothing-here", "not a built-in name"),
-        ("fashion-mnist:dev", "unknown Fashion-MNIST split 'dev'.*train, val, test"),
+        ("nothing-here", "not a registered name \\(.*fashion-mnist:SPLIT"),
+        ("fashion-mnist:dev", "unknown split 'dev' of dataset 'fashion-mnist'.*train, val, "
+                              "test"),
     ])
     def test_bad(self, spec, match):
         with pytest.raises(EenetError, match=match):
@@ -247,7 +250,7 @@ class TestMeasureCosts:
         model = toy.StagedMLP(widths=(4, 256, 2048))
         report = measure_costs(model, torch.randn(4, toy.N_FEATURES), device="cpu",
                                batch_size=16, min_run_time=0.02)
-        assert report.timing == "truncated"
+        assert report.timing == "stages"
         for vec in report.vectors().values():
             assert vec.shape == (3,) and np.all(np.diff(vec) >= 0)
         assert report.latency_ms_batch1[-1] > report.latency_ms_batch1[0]
@@ -301,7 +304,7 @@ class TestMeasureCosts:
     def test_torchscript_staged_uses_truncated_forwards(self):
         report = measure_costs(_script(toy.staged()), torch.randn(1, toy.N_FEATURES),
                                device="cpu", batch_size=2, **FAST)
-        assert report.timing == "truncated" and np.all(np.diff(report.flops) > 0)
+        assert report.timing == "stages" and np.all(np.diff(report.flops) > 0)
 
     def test_torchscript_without_stages_cannot_be_timed(self):
         scripted = _script(toy.hooked())
@@ -338,7 +341,7 @@ class TestCacheModel:
         assert cache.logits.dtype == np.float16
         np.testing.assert_array_equal(cache.costs, [1.0, 2.0, 4.5])
         assert (cache.cost_unit, cache.cost_source) == ("ms", "given")
-        assert set(cache.extra_costs) == {"latency_ms_batch1", "latency_ms_batchB", "flops"}
+        assert set(cache.extra_costs) == {"flops"}  # given costs: no timing by default
         assert (cache.model, cache.dataset, cache.split) == ("_toy_models:staged",
                                                              str(data_npz), "val")
         assert cache.attrs["device"] == "cpu" and cache.attrs["seed"] == 3
@@ -363,17 +366,28 @@ class TestCacheModel:
         assert np.all(np.diff(cache.costs) >= 0) and cache.costs[-1] > 0
         if costs == "flops":
             np.testing.assert_array_equal(cache.costs, cache.extra_costs["flops"])
-        assert cache.attrs["exit_modules"] == '["exit_a", "exit_b", "exit_c"]'
+        timed = costs == "measured"
+        assert cache.attrs["exit_modules"] == ('["exit_a", "exit_b", "exit_c"]' if timed
+                                               else "[]")
+        assert ("latency_ms_batch1" in cache.extra_costs) == timed
 
-    def test_torchscript_without_stages_falls_back_for_flops(self, data_npz, out_dir, caplog,
-                                                             tmp_path):
+    def test_timing_on_request_stores_latencies_beside_given_costs(self, data_npz, out_dir):
+        cache = read_cache(cache_model("_toy_models:staged", str(data_npz), out_dir / "c.h5",
+                                       costs=[1.0, 2.0, 3.0], timing=True, device="cpu",
+                                       verbose=False, **FAST))
+        assert set(cache.extra_costs) == {"latency_ms_batch1", "latency_ms_batchB", "flops"}
+        assert cache.attrs["timing"] == "stages" and cache.cost_source == "given"
+
+    def test_torchscript_without_stages_caches_flops(self, data_npz, out_dir, tmp_path):
         _script(toy.hooked()).save(str(tmp_path / "m.ts"))
-        with caplog.at_level(logging.INFO, logger="eenet.ingest.model"):
-            cache = read_cache(cache_model(str(tmp_path / "m.ts"), str(data_npz),
-                                           out_dir / "c.h5", costs="flops", device="cpu",
-                                           verbose=False, **FAST))
+        cache = read_cache(cache_model(str(tmp_path / "m.ts"), str(data_npz),
+                                       out_dir / "c.h5", costs="flops", device="cpu",
+                                       verbose=False, **FAST))
         assert cache.cost_source == "flops" and set(cache.extra_costs) == {"flops"}
-        assert "latency not measured" in caplog.text
+        with pytest.raises(EenetError, match="cannot time each exit of a TorchScript"):
+            cache_model(str(tmp_path / "m.ts"), str(data_npz), out_dir / "d.h5",
+                        costs="flops", timing=True, device="cpu", verbose=False, **FAST)
+        assert sorted(p.name for p in out_dir.iterdir()) == ["c.h5"]
 
     def _fails(self, out_dir: Path, match: str, model: str, data: str, **kwargs) -> None:
         with pytest.raises(EenetError, match=match):

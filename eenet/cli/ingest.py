@@ -1,6 +1,7 @@
 """Commands that make and describe exit caches: cache, import, info."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,9 @@ from eenet.cli import (check_out_dir, echo_json, fmt_costs, handle_errors, main,
               help="State dict checkpoint, loaded with weights_only=True.")
 @click.option("--data", "data_spec", required=True,
               help="'package.module:function' returning a Dataset, an .npz with x and y, "
-                   "or fashion-mnist:train|val|test.")
+                   "or a registered NAME:SPLIT such as fashion-mnist:val.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder of the built-in dataset's files.")
+              help="Folder of a registered dataset's files.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The HDF5 exit cache to write.")
 @click.option("--split", help="Split name to record (parsed from the data spec if omitted).")
@@ -36,35 +37,54 @@ from eenet.cli import (check_out_dir, echo_json, fmt_costs, handle_errors, main,
               help="'measured' (timed on this device), 'flops', or given values c1,c2,...")
 @click.option("--cost-unit", default="ms", show_default=True,
               help="Unit of given --costs values.")
+@click.option("--costs-from", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Reuse the cost vectors of this cache (e.g. the validation cache of the "
+                   "same network), so both splits share one set of latencies.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
               show_default=True)
 @click.option("--exit-modules", help="Comma-separated names of the exit modules to time with "
                                      "hooks (non-staged models; found automatically if omitted).")
 @click.option("--autocast", is_flag=True, help="Run the forward under torch.autocast "
                                                "(float16 on CUDA, bfloat16 on CPU).")
-@click.option("--no-timing", is_flag=True, help="With flops or given --costs, skip timing the "
-                                                "exits (their latencies are not stored).")
+@click.option("--timing/--no-timing", default=None,
+              help="Time every exit. Default: only for measured --costs; --timing also "
+                   "stores latencies beside flops or given costs.")
+@click.option("--resume", is_flag=True,
+              help="Keep progress next to --out and continue an interrupted run of the same "
+                   "arguments from its last complete chunk.")
+@click.option("--distributed", is_flag=True, default=None,
+              help="Shard the data over the ranks torchrun started (automatic when "
+                   "WORLD_SIZE > 1): torchrun --nproc_per_node=P -m eenet cache ...")
 @click.pass_context
 @handle_errors
 def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: str,
           data_dir: Path | None, out: Path, split: str | None, device: str | None,
           batch_size: int, num_workers: int, limit: int | None, costs: str, cost_unit: str,
-          dtype: str, exit_modules: str | None, autocast: bool, no_timing: bool) -> None:
+          costs_from: Path | None, dtype: str, exit_modules: str | None, autocast: bool,
+          timing: bool | None, resume: bool, distributed: bool | None) -> None:
     """Run a frozen multi-exit network once and store every exit's output."""
-    from eenet.ingest.model import cache_model
-    from eenet.cache import read_cache
+    import eenet.examples  # noqa: F401  (registers the bundled dataset names)
+    from eenet.cache import read_costs
+    from eenet.ingest.model import CacheOptions, cache_model
 
     check_out_dir(out)
     cost_spec: Any = costs if costs in ("measured", "flops") else parse_floats(costs, "--costs")
-    path = cache_model(model_spec, data_spec, out, weights=weights, data_dir=data_dir,
-                       split=split, device=device or ctx.obj["device"], batch_size=batch_size,
-                       num_workers=num_workers, limit=limit, costs=cost_spec,
-                       cost_unit_given=cost_unit, dtype=dtype,
-                       exit_modules=parse_names(exit_modules), verbose=ctx.obj["progress"],
-                       seed=ctx.obj["seed"], autocast=autocast, time_exits=not no_timing)
-    c = read_cache(path)
-    click.echo(f"wrote {path}: {c.n_samples} samples x {c.n_exits} exits x {c.n_classes} "
-               f"classes, costs {fmt_costs(c.costs)} {c.cost_unit} ({c.cost_source})")
+    opts = CacheOptions(weights=weights, data_dir=data_dir, split=split,
+                        device=device or ctx.obj["device"], batch_size=batch_size,
+                        num_workers=num_workers, limit=limit, costs=cost_spec,
+                        cost_unit=cost_unit, costs_from=costs_from, timing=timing,
+                        exit_modules=parse_names(exit_modules), dtype=dtype,
+                        autocast=autocast, seed=ctx.obj["seed"],
+                        verbose=ctx.obj["progress"], resume=resume,
+                        distributed=distributed or None)
+    path = cache_model(model_spec, data_spec, out, opts)
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return  # rank 0 reports for a distributed run
+    c = read_costs(path)
+    n_samples, n_exits, n_classes = c.shape
+    click.echo(f"wrote {path}: {n_samples} samples x {n_exits} exits x {n_classes} "
+               f"classes, costs {fmt_costs(c.costs)} {c.cost_unit} ({c.cost_source}"
+               f"{', from ' + str(costs_from) if costs_from else ''})")
 
 
 @main.command("import", epilog="Example: eenet import val_logits.npz --out cache/val.h5 "
@@ -75,6 +95,8 @@ def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: 
               help="Labels file when SRC has none (.npy, .npz, .pt, .txt).")
 @click.option("--costs", help="Cumulative per-exit costs c1,c2,... (overrides SRC's).")
 @click.option("--cost-unit", default="ms", show_default=True)
+@click.option("--costs-from", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Reuse the cost vectors of this cache (e.g. the validation cache).")
 @click.option("--layout", type=click.Choice(["nkc", "knc"]), default="nkc", show_default=True,
               help="nkc = [samples, exits, classes]; knc = [exits, samples, classes].")
 @click.option("--probs", is_flag=True, help="SRC holds probabilities, not logits.")
@@ -85,15 +107,16 @@ def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: 
 @click.option("--split", default="", help="Split name to record.")
 @handle_errors
 def import_(src: Path, out: Path, labels: Path | None, costs: str | None, cost_unit: str,
-            layout: str, probs: bool, dtype: str, model: str, dataset: str, split: str) -> None:
+            costs_from: Path | None, layout: str, probs: bool, dtype: str, model: str,
+            dataset: str, split: str) -> None:
     """Turn logits or probabilities you already have into an exit cache."""
     from eenet.ingest.arrays import import_exit_outputs
 
     check_out_dir(out)
     c = import_exit_outputs(src, out, dtype=dtype, labels=labels,
                             costs=parse_floats(costs, "--costs"), cost_unit=cost_unit,
-                            layout=layout, probs=probs, model=model, dataset=dataset,
-                            split=split)
+                            costs_from=costs_from, layout=layout, probs=probs, model=model,
+                            dataset=dataset, split=split)
     click.echo(f"wrote {out}: {c.n_samples} samples x {c.n_exits} exits x {c.n_classes} "
                f"classes, costs {fmt_costs(c.costs)} {c.cost_unit}")
 
@@ -106,9 +129,9 @@ def import_(src: Path, out: Path, labels: Path | None, costs: str | None, cost_u
 @handle_errors
 def info(cache_path: Path, as_json: bool) -> None:
     """Summarise an exit cache: sizes, costs, per-exit and oracle accuracy."""
-    from eenet.cache import read_cache
+    from eenet.cache import summarize_cache
 
-    s = read_cache(cache_path).summary()
+    s = summarize_cache(cache_path)  # reads the logits block by block
     if as_json:
         echo_json(s)
         return
@@ -124,5 +147,3 @@ def info(cache_path: Path, as_json: bool) -> None:
         click.echo(f"  {name:<10} {cost:>12.4g} {acc:>9.4f}")
     click.echo(f"  last-exit accuracy {s['last_exit_accuracy']:.4f}   "
                f"oracle (any exit right) {s['oracle_accuracy']:.4f}")
-
-

@@ -13,3 +13,9 @@ Example::
         --data fashion-mnist:val --out cache/fmnist_val.h5
 """
 from __future__ import annotations
+
+from eenet.ingest.data import register_dataset
+
+# `--data fashion-mnist:SPLIT` (the loader is imported only when the name is used)
+register_dataset("fashion-mnist", "eenet.examples.fashion_mnist:load_fashion_mnist",
+                 splits=("train", "val", "test"))

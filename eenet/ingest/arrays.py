@@ -21,7 +21,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from eenet._validation import EenetError, check_costs, parse_costs
+from eenet._validation import EenetError, check_costs, check_labels, parse_costs
 from eenet.cache import ExitCache, write_cache
 
 Layout = Literal["nkc", "knc"]
@@ -83,23 +83,20 @@ def _to_numpy(value: Any, name: str, path: Path) -> np.ndarray:
                          f"array") from None
 
 
-def _as_int_labels(labels: np.ndarray, path: Path) -> np.ndarray:
-    labels = np.asarray(labels).reshape(-1) if np.ndim(labels) == 2 and 1 in np.shape(labels) \
-        else np.asarray(labels)
+def _label_vector(labels: np.ndarray, path: Path) -> np.ndarray:
+    """Labels as stored: [n] or a [n, 1] / [1, n] column, as a 1-D array."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and 1 in labels.shape:
+        labels = labels.reshape(-1)
     if labels.ndim != 1:
         raise EenetError(f"{path}: labels must be a 1-D array of class indices, got shape "
                          f"{labels.shape}")
-    if np.issubdtype(labels.dtype, np.floating):
-        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
-            raise EenetError(f"{path}: labels must be integer class indices")
-    elif not np.issubdtype(labels.dtype, np.integer):
-        raise EenetError(f"{path}: labels must be integer class indices, got dtype "
-                         f"{labels.dtype}")
-    return labels.astype(np.int64)
+    return labels
 
 
 def load_exit_outputs(src: str | os.PathLike, *, labels: str | os.PathLike | None = None,
                       costs: Sequence[float] | str | None = None, cost_unit: str = "ms",
+                      costs_from: str | os.PathLike | None = None,
                       layout: Layout = "nkc", probs: bool = False, model: str = "",
                       dataset: str = "", split: str = "") -> ExitCache:
     """Read existing exit outputs into an in-memory :class:`ExitCache`.
@@ -110,6 +107,9 @@ def load_exit_outputs(src: str | os.PathLike, *, labels: str | os.PathLike | Non
             ``.pt``, ``.txt``); required when ``src`` carries none.
         costs: cumulative per-exit costs; overrides costs stored in ``src``.
         cost_unit: unit of the costs.
+        costs_from: an exit cache whose cost vectors (costs, unit, source and
+            every extra vector) this cache reuses, recorded in the root
+            attribute ``costs_from``; excludes ``costs``.
         layout: ``"nkc"`` for [n_samples, n_exits, n_classes] (default) or
             ``"knc"`` for [n_exits, n_samples, n_classes].
         probs: the array holds probabilities, not logits (implied by a
@@ -124,6 +124,8 @@ def load_exit_outputs(src: str | os.PathLike, *, labels: str | os.PathLike | Non
             not fit, probabilities that do not sum to one, missing costs.
     """
     src = Path(src)
+    if costs is not None and costs_from is not None:
+        raise EenetError("give either --costs or --costs-from, not both")
     if layout not in ("nkc", "knc"):
         raise EenetError(f"layout must be 'nkc' or 'knc', got {layout!r}")
     raw = _load_any(src, "source")
@@ -164,17 +166,22 @@ def load_exit_outputs(src: str | os.PathLike, *, labels: str | os.PathLike | Non
         stored_labels = raw_labels
     if stored_labels is None:
         raise EenetError(f"{src}: no labels; store them under 'labels' or pass --labels PATH")
-    label_arr = _as_int_labels(_to_numpy(stored_labels, "labels", src), src)
+    label_arr = _label_vector(_to_numpy(stored_labels, "labels", src), src)
     if label_arr.shape[0] != array.shape[0]:
         hint = " (is the layout 'knc'?)" if label_arr.shape[0] == array.shape[1] else ""
         raise EenetError(f"{src}: {array.shape[0]} samples of exit outputs but "
                          f"{label_arr.shape[0]} labels{hint}")
+    label_arr = check_labels(label_arr, array.shape[0], array.shape[2], where=f"{src}: ")
+    shared = _shared_costs(costs_from, array.shape[1]) if costs_from is not None else {}
 
     cost_arr = parse_costs(costs) if costs is not None else (
         None if stored_costs is None else _to_numpy(stored_costs, "costs", src).astype(float))
+    if costs_from is not None:
+        cost_arr, cost_unit = shared["costs"], shared["cost_unit"]
     if cost_arr is None:
         raise EenetError(f"{src}: no per-exit costs; pass --costs c1,c2,... "
-                         f"({array.shape[1]} cumulative values in {cost_unit})")
+                         f"({array.shape[1]} cumulative values in {cost_unit}) or "
+                         f"--costs-from VAL.h5")
     cost_arr = check_costs(cost_arr, array.shape[1])
 
     kind = "logits"
@@ -190,8 +197,18 @@ def load_exit_outputs(src: str | os.PathLike, *, labels: str | os.PathLike | Non
         array = np.log(np.maximum(array, _PROB_FLOOR))
         kind = "log_probs"
     return ExitCache(logits=array, labels=label_arr, costs=cost_arr, cost_unit=cost_unit,
-                     cost_source="given", model=model or src.stem, dataset=dataset,
-                     split=split, logits_kind=kind)
+                     cost_source=shared.get("cost_source", "given"), model=model or src.stem,
+                     dataset=dataset, split=split, logits_kind=kind,
+                     extra_costs=shared.get("extra_costs", {}), attrs=shared.get("attrs", {}))
+
+
+def _shared_costs(path: str | os.PathLike, n_exits: int) -> dict[str, Any]:
+    """The cost vectors of the cache at ``path``, to record in another cache of the network."""
+    from eenet.cache import read_costs
+
+    src = read_costs(path).matching(n_exits)
+    return {"costs": src.costs, "cost_unit": src.cost_unit, "cost_source": src.cost_source,
+            "extra_costs": src.extra_costs, "attrs": src.provenance}
 
 
 def import_exit_outputs(src: str | os.PathLike, out: str | os.PathLike, *,

@@ -1,0 +1,296 @@
+"""Where the rows go while the model runs: a writer thread, and the state of a resumable run.
+
+:class:`BackgroundWriter` hands each batch to a sink (a
+:class:`~eenet.cache.CacheWriter`, or a :class:`ChunkDirWriter`) on a thread
+behind a bounded queue, so casting, compressing and writing overlap the
+next forward; an error on the thread reaches the caller at its next batch.
+
+A resumable run (``eenet cache --resume``) keeps its progress in a directory
+next to the target, ``.NAME.eenet-partial/``::
+
+    spec.json              the arguments that decide the cache's contents
+    costs.json             the chosen cost vectors, once measured
+    chunk-00000012.npz     one complete chunk: its compressed logits (``data``),
+                           ``labels`` and ``sample_ids``; chunk i holds rows
+                           [i * chunk_rows, (i + 1) * chunk_rows)
+
+Each chunk file is written under a temporary name and renamed when whole,
+so a killed run leaves only complete chunks (zip CRCs catch the rest). A
+later run with ``--resume`` and the same arguments computes only the missing
+chunks, reuses ``costs.json``, copies every chunk into the cache (no
+recompression) and removes the directory. Chunk boundaries fall on batch
+boundaries, so the resumed cache equals an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from eenet._validation import EenetError, atomic_output
+from eenet.cache import ChunkBuffer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BackgroundWriter", "ChunkDirWriter", "PartialRun"]
+
+_STOP = object()
+
+
+class BackgroundWriter:
+    """Feed ``sink.write(logits, labels, sample_ids)`` from a thread with a bounded queue.
+
+    Use as a context manager around the loop that produces batches. Leaving
+    the block normally waits for every batch to be written; leaving it with
+    an exception (Ctrl-C, SIGTERM, an error) drops what is queued and stops
+    the thread before the exception goes on, so the sink can be cleaned up
+    from the caller's thread.
+
+    Args:
+        sink: an object with ``write(logits, labels, sample_ids)``.
+        depth: batches that may wait in the queue (bounds the memory held).
+
+    Example:
+        >>> class Sink:
+        ...     rows = 0
+        ...     def write(self, logits, labels, ids):
+        ...         self.rows += len(labels)
+        >>> s = Sink()
+        >>> with BackgroundWriter(s) as bg:
+        ...     for _ in range(3):
+        ...         bg.put(np.zeros((2, 1, 2)), np.zeros(2, int), np.arange(2))
+        >>> s.rows
+        6
+    """
+
+    def __init__(self, sink: Any, depth: int = 4) -> None:
+        self.sink = sink
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._abort = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="eenet-cache-writer",
+                                        daemon=True)
+
+    def __enter__(self) -> "BackgroundWriter":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP or self._abort.is_set():
+                return
+            logits, labels, ids, ready = item
+            try:
+                if ready is not None:
+                    ready.synchronize()  # the device-to-host copy of this batch is done
+                self.sink.write(_numpy(logits), _numpy(labels), _numpy(ids))
+            except BaseException as err:  # handed to the caller's thread
+                self._error = err
+                return
+
+    def put(self, logits: Any, labels: Any, sample_ids: Any, ready: Any = None) -> None:
+        """Queue one batch (numpy arrays or CPU tensors); ``ready`` is an event to wait on.
+
+        Raises:
+            Exception: the error that stopped the writer thread, if any.
+        """
+        item = (logits, labels, sample_ids, ready)
+        while True:
+            self._raise_error()
+            try:
+                # A short timeout keeps the main thread responsive to signals.
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is not None:
+            self._abort.set()
+            _drain(self._queue)
+        self._put_stop()
+        self._thread.join()
+        if exc_type is None:
+            self._raise_error()
+        return False
+
+    def _put_stop(self) -> None:
+        while self._thread.is_alive():
+            try:
+                self._queue.put(_STOP, timeout=0.1)
+                return
+            except queue.Full:
+                if self._abort.is_set():
+                    _drain(self._queue)
+
+
+def _drain(q: queue.Queue) -> None:
+    while True:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            return
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.numpy() if hasattr(x, "numpy") and not isinstance(x, np.ndarray) else np.asarray(x)
+
+
+# ---------------------------------------------------------------------------
+# resumable runs
+# ---------------------------------------------------------------------------
+class PartialRun:
+    """The on-disk state of a resumable ``eenet cache`` run (see the module docstring).
+
+    Args:
+        out: the cache the run will produce; the state lives next to it.
+    """
+
+    def __init__(self, out: str | Path) -> None:
+        self.out = Path(out)
+        self.dir = self.out.with_name(f".{self.out.name}.eenet-partial")
+
+    def exists(self) -> bool:
+        return (self.dir / "spec.json").is_file()
+
+    def start(self, spec: Mapping[str, Any]) -> bool:
+        """Create the state for ``spec``, or check an existing one against it.
+
+        Returns:
+            True when an earlier run's state was found (and matches).
+
+        Raises:
+            EenetError: the earlier run was started with other arguments.
+        """
+        spec = json.loads(json.dumps(dict(spec)))  # plain JSON values, as stored
+        if self.exists():
+            try:
+                old = json.loads((self.dir / "spec.json").read_text())
+            except (OSError, ValueError):
+                old = None
+            if not isinstance(old, dict):
+                raise EenetError(f"{self.dir}: spec.json is damaged; delete {self.dir} to "
+                                 f"start over")
+            diff = sorted(k for k in set(spec) | set(old) if spec.get(k) != old.get(k))
+            if diff:
+                shown = "; ".join(f"{k}: {old.get(k)!r} then, {spec.get(k)!r} now"
+                                  for k in diff[:4])
+                raise EenetError(f"--resume: the interrupted run in {self.dir} was started "
+                                 f"with other arguments ({shown}); rerun with the same "
+                                 f"arguments or delete {self.dir} to start over")
+            return True
+        self.dir.mkdir(exist_ok=True)
+        with atomic_output(self.dir / "spec.json") as tmp:
+            tmp.write_text(json.dumps(spec, indent=1, sort_keys=True))
+        return False
+
+    # ---- costs -----------------------------------------------------------------
+    def load_costs(self) -> dict[str, Any] | None:
+        path = self.dir / "costs.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def save_costs(self, costs: Mapping[str, Any]) -> None:
+        with atomic_output(self.dir / "costs.json") as tmp:
+            tmp.write_text(json.dumps(dict(costs), indent=1))
+
+    # ---- chunks ----------------------------------------------------------------
+    def chunk_path(self, index: int) -> Path:
+        return self.dir / f"chunk-{index:08d}.npz"
+
+    def write_chunk(self, index: int, data: bytes, labels: np.ndarray,
+                    sample_ids: np.ndarray) -> None:
+        with atomic_output(self.chunk_path(index)) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, data=np.frombuffer(data, dtype=np.uint8), labels=labels,
+                     sample_ids=sample_ids)
+
+    def read_chunk(self, index: int) -> tuple[bytes, np.ndarray, np.ndarray] | None:
+        """A complete chunk, or ``None`` when it is missing or damaged."""
+        path = self.chunk_path(index)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data, labels, ids = z["data"].tobytes(), z["labels"], z["sample_ids"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+        if labels.shape != ids.shape or labels.ndim != 1:
+            return None
+        return data, labels, ids
+
+    def done(self, indices: Iterable[int], rows_of: Any) -> set[int]:
+        """The chunks among ``indices`` whose files are complete and hold ``rows_of(i)`` rows."""
+        found = set()
+        for i in indices:
+            chunk = self.read_chunk(i)
+            if chunk is not None and chunk[1].shape[0] == rows_of(i):
+                found.add(i)
+            elif self.chunk_path(i).exists():
+                logger.warning("%s is damaged; computing it again", self.chunk_path(i))
+                self.chunk_path(i).unlink(missing_ok=True)
+        return found
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ChunkDirWriter:
+    """A sink that stores each completed chunk as a file of a :class:`PartialRun`.
+
+    Batches must arrive in row order within each chunk; rows of a chunk are
+    gathered until the chunk is whole (``chunk_rows`` rows, fewer for the
+    last chunk of ``n_rows``), then compressed and saved.
+
+    Args:
+        run: the partial run to write into.
+        chunk_rows, n_exits, n_classes, dtype, compression: the cache's chunk layout.
+        n_rows: rows of the whole split, if known (fixes the last chunk's size).
+    """
+
+    def __init__(self, run: PartialRun, *, chunk_rows: int, n_exits: int, n_classes: int,
+                 dtype: Any, compression: str | None = "gzip",
+                 n_rows: int | None = None) -> None:
+        self.run, self.chunk_rows, self.n_rows = run, chunk_rows, n_rows
+        self.buffer = ChunkBuffer(chunk_rows, n_exits, n_classes, dtype, compression,
+                                  where=f"{run.out}: ")
+        self._chunk: int | None = None
+
+    def write(self, logits: np.ndarray, labels: np.ndarray, sample_ids: np.ndarray) -> None:
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        if self._chunk is None:
+            self._chunk = int(ids[0]) // self.chunk_rows
+        for data, lab, chunk_ids in self.buffer.add(logits, labels, ids):
+            self._save(data, lab, chunk_ids)
+        if self.n_rows is not None and self.buffer.filled and \
+                int(ids[-1]) == self.n_rows - 1:
+            self.close()  # the split's last, short chunk
+
+    def _save(self, data: bytes, labels: np.ndarray, ids: np.ndarray) -> None:
+        index = int(ids[0]) // self.chunk_rows
+        if ids[0] != index * self.chunk_rows or ids[-1] - ids[0] != ids.size - 1:
+            raise EenetError(f"rows {ids[0]}..{ids[-1]} do not form chunk {index}; resumable "
+                             f"runs need the dataset's rows in order")
+        self.run.write_chunk(index, data, labels, ids)
+        self._chunk = None
+
+    def close(self) -> None:
+        """Save a last, short chunk (for datasets of unknown length)."""
+        last = self.buffer.flush()
+        if last is not None:
+            self._save(*last)
