@@ -71,8 +71,9 @@ RISK_BOUNDS: dict[str, str] = {
     "ucb-hoeffding": "Hoeffding upper confidence bounds, scanned from the safe end",
     "ltt": "Learn-then-Test, fixed-sequence testing of Hoeffding-Bentkus p-values",
 }
-#: candidates bounded per call while scanning; the scan stops at the first failure
-_CHUNK = 16
+#: candidates bounded per call while scanning: a few first, then more (the scan stops at
+#: the first failure, and the betting bound handles many rows at once cheaply)
+_CHUNKS = (4, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -213,8 +214,13 @@ def _scan(order: np.ndarray, statistic, passes) -> tuple[int | None, list[int], 
     tested: list[int] = []
     values: list[float] = []
     last = None
-    for start in range(0, order.size, _CHUNK):
-        rows = order[start:start + _CHUNK]
+    start = 0
+    for step in range(order.size):
+        size = _CHUNKS[min(step, len(_CHUNKS) - 1)]
+        rows = order[start:start + size]
+        start += size
+        if rows.size == 0:
+            break
         stats = np.atleast_1d(np.asarray(statistic(rows), dtype=np.float64))
         ok = passes(stats)
         failed = np.flatnonzero(~ok)
