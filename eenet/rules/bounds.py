@@ -289,8 +289,8 @@ def hb_ucb(x: Any, delta: float, *, low: float = 0.0, high: float = 1.0) -> Any:
     "Distribution-Free, Risk-Controlling Prediction Sets", JACM 2021).
 
     Guarantee: for i.i.d. values in ``[low, high]`` with mean ``mu``,
-    ``P(mu > UCB) <= delta``. Never above :func:`hoeffding_ucb` (Pinsker's
-    inequality makes the HB p-value at most Hoeffding's).
+    ``P(mu > UCB) <= delta``. Never above :func:`hoeffding_ucb`, up to that
+    rounding (Pinsker's inequality makes the HB p-value at most Hoeffding's).
 
     Args:
         x: values, ``[n_samples]`` or ``[n_rows, n_samples]``.

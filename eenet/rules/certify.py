@@ -37,7 +37,7 @@ imports torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
@@ -205,7 +205,8 @@ def _check_seed(seed: Any) -> int | None:
     return int(seed)
 
 
-def _scan(order: np.ndarray, statistic, passes) -> tuple[int | None, list[int], list[float]]:
+def _scan(order: np.ndarray, statistic: Callable[[np.ndarray], Any],
+          passes: Callable[[np.ndarray], np.ndarray]) -> tuple[int | None, list[int], list[float]]:
     """Test rows in ``order`` a chunk at a time until the first failure.
 
     ``statistic(rows) -> [len(rows)]``; ``passes(values) -> bool array``.
