@@ -1,4 +1,4 @@
-"""Tests of eenet.features against plain-loop references."""
+"""Tests of eenet.scores.features (torch, exit by exit) against plain-loop references."""
 from __future__ import annotations
 
 import math
@@ -9,202 +9,188 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from torch.testing import assert_close
 
-import eenet.features as features
-from eenet._validation import EenetError
-from eenet.features import (N_AGREEMENT_FEATURES, agreement_features, confidence_features,
-                            margin, max_prob, one_minus_entropy, top_probs, vote_ratio)
+from eenet.scores.features import (advance_history, max_prob, new_history, one_minus_entropy,
+                                   probabilities, select_rows, top_probs)
 
-
-def _random_probs(n: int, k: int, c: int, seed: int = 0, zeros: bool = True) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    p = rng.gamma(0.3, size=(n, k, c))
-    if zeros:
-        p[rng.random(size=p.shape) < 0.3] = 0.0
-        p[:, :, 0] += 1e-3  # keep every row non-empty
-    return p / p.sum(axis=2, keepdims=True)
+# float32 features against float64 loops over the same float32 probabilities
+TOL = {"rtol": 0.0, "atol": 1e-6}
 
 
-# ---- plain-loop references -------------------------------------------------------
-def _loop_max_prob(p):
+def _logits(n: int, k: int, c: int, seed: int = 0, scale: float = 2.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, c, generator=gen) * scale
+
+
+def _ties(n: int, k: int, c: int, seed: int = 0) -> torch.Tensor:
+    """Logits with few distinct values, so arg-max ties and equal answers are common."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 3, (n, k, c), generator=gen).float()
+
+
+# ---- plain-loop references over one probability row --------------------------------
+def _argmax(row) -> int:
+    best = 0
+    for j in range(len(row)):
+        if row[j] > row[best]:
+            best = j  # ties stay with the lowest index
+    return best
+
+
+def _loop_entropy_score(row) -> float:
+    c = len(row)
+    s = sum(float(x) * math.log(float(x)) for x in row if x > 0)
+    return min(1.0, max(0.0, 1.0 + s / math.log(c)))
+
+
+def _loop_history(p: np.ndarray):
+    """Per sample and exit: pred, run, vote, prev_at_pred, mean_at_pred, agree (loops)."""
     n, k, c = p.shape
-    return np.array([[max(p[i, j]) for j in range(k)] for i in range(n)])
-
-
-def _loop_one_minus_entropy(p):
-    n, k, c = p.shape
-    out = np.zeros((n, k))
+    out = {key: np.zeros((n, k)) for key in ("pred", "run", "vote", "prev", "mean", "agree")}
     for i in range(n):
+        preds = []
         for j in range(k):
-            s = sum(float(x) * math.log(float(x)) for x in p[i, j] if x > 0)
-            out[i, j] = 1.0 + s / math.log(c)
-    return out
-
-
-def _loop_vote(p):
-    n, k, c = p.shape
-    out = np.zeros((n, k))
-    for i in range(n):
-        preds = [int(np.argmax(p[i, j])) for j in range(k)]
-        for j in range(k):
-            so_far = preds[: j + 1]
-            out[i, j] = max(so_far.count(cls) for cls in range(c)) / (j + 1)
-    return out
-
-
-class TestAgainstLoops:
-    @pytest.mark.parametrize("shape", [(7, 1, 2), (20, 4, 5), (13, 6, 3)])
-    def test_each_feature(self, shape):
-        p = _random_probs(*shape, seed=sum(shape))
-        np.testing.assert_allclose(max_prob(p), _loop_max_prob(p), rtol=0, atol=1e-12)
-        np.testing.assert_allclose(one_minus_entropy(p), _loop_one_minus_entropy(p),
-                                   rtol=0, atol=1e-10)
-        np.testing.assert_allclose(vote_ratio(p), _loop_vote(p), rtol=0, atol=1e-12)
-
-    def test_confidence_features_stacks_the_three(self):
-        p = _random_probs(11, 3, 4)
-        f = confidence_features(p)
-        assert f.shape == (11, 3, 3) and f.dtype == np.float64
-        np.testing.assert_array_equal(f[..., 0], max_prob(p))
-        np.testing.assert_allclose(f[..., 1], one_minus_entropy(p), atol=1e-12)
-        np.testing.assert_array_equal(f[..., 2], vote_ratio(p))
-
-    def test_blocks_give_the_same_answer(self, monkeypatch):
-        p = _random_probs(50, 3, 4).astype(np.float32)
-        whole = confidence_features(p)
-        monkeypatch.setattr(features, "_BLOCK_ELEMENTS", 24)  # two samples per block
-        np.testing.assert_array_equal(confidence_features(p), whole)
-        np.testing.assert_array_equal(vote_ratio(p), whole[..., 2])
-
-
-class TestKnownValues:
-    def test_entropy_one_for_one_hot_zero_for_uniform(self):
-        p = np.zeros((2, 2, 5))
-        p[0, :, 3] = 1.0
-        p[1] = 0.2
-        np.testing.assert_allclose(one_minus_entropy(p), [[1, 1], [0, 0]], atol=1e-12)
-
-    def test_single_class_is_certain(self):
-        np.testing.assert_array_equal(one_minus_entropy(np.ones((3, 2, 1))), np.ones((3, 2)))
-
-    @pytest.mark.parametrize("preds, expected", [
-        ([0, 1, 1, 0], [1, 1 / 2, 2 / 3, 2 / 4]),
-        ([2, 2, 2], [1, 1, 1]),
-        ([0, 1, 2], [1, 1 / 2, 1 / 3]),
-        ([1, 0, 0, 0, 1], [1, 1 / 2, 2 / 3, 3 / 4, 3 / 5]),
-    ])
-    def test_vote_ratio_hand_cases(self, preds, expected):
-        p = np.full((1, len(preds), 3), 0.1)
-        for j, cls in enumerate(preds):
-            p[0, j, cls] = 0.8
-        np.testing.assert_allclose(vote_ratio(p)[0], expected, atol=1e-12)
-
-    def test_top_probs_sorted_and_padded(self):
-        p = _random_probs(9, 2, 6)
-        np.testing.assert_allclose(top_probs(p, 3), -np.sort(-p, axis=2)[..., :3], atol=0)
-        padded = top_probs(p[:, :, :2] / p[:, :, :2].sum(2, keepdims=True), 4)
-        assert padded.shape == (9, 2, 4)
-        np.testing.assert_array_equal(padded[..., 2:], 0.0)
-
-
-def _loop_agreement(p):
-    n, k, c = p.shape
-    out = np.zeros((n, k, N_AGREEMENT_FEATURES))
-    for i in range(n):
-        for j in range(k):
-            row = sorted(p[i, j], reverse=True)
-            y = int(np.argmax(p[i, j]))
-            out[i, j, 0] = row[0] - row[1] if c > 1 else 1.0
+            y = _argmax(p[i, j])
+            preds.append(y)
+            run = 1
+            while run <= j and preds[j - run] == y:
+                run += 1
+            out["pred"][i, j] = y
+            out["run"][i, j] = run
+            out["vote"][i, j] = max(preds.count(cls) for cls in range(c)) / (j + 1)
             if j == 0:
-                out[i, j, 1:] = [p[i, 0, y], p[i, 0, y], 1.0]
+                out["prev"][i, j] = out["mean"][i, j] = p[i, 0, y]
+                out["agree"][i, j] = 1.0
             else:
-                out[i, j, 1] = p[i, j - 1, y]
-                out[i, j, 2] = np.mean([p[i, jj, y] for jj in range(j)])
-                out[i, j, 3] = float(int(np.argmax(p[i, j - 1])) == y)
+                out["prev"][i, j] = p[i, j - 1, y]
+                out["mean"][i, j] = sum(float(p[i, jj, y]) for jj in range(j)) / j
+                out["agree"][i, j] = float(preds[j - 1] == y)
     return out
 
 
-class TestAgreement:
-    @pytest.mark.parametrize("shape", [(7, 1, 2), (20, 4, 5), (13, 6, 3), (5, 3, 1)])
-    def test_against_loop(self, shape):
-        p = _random_probs(*shape, seed=3)
-        out = agreement_features(p)
-        assert out.shape == shape[:2] + (N_AGREEMENT_FEATURES,) and out.dtype == np.float64
-        np.testing.assert_allclose(out, _loop_agreement(p), atol=1e-12)
-        np.testing.assert_allclose(margin(p), _loop_agreement(p)[..., 0], atol=1e-12)
+def _run_history(logits: torch.Tensor, probs: bool = True):
+    n, k, c = logits.shape
+    hist = new_history(n, c, probs=probs)
+    outs = []
+    for j in range(k):
+        outs.append(advance_history(hist, j, probabilities(logits[:, j])))
+    return outs
+
+
+class TestProbabilities:
+    def test_softmax_rows(self):
+        logits = _logits(9, 1, 5, seed=1)[:, 0].double()
+        p = probabilities(logits)
+        assert p.dtype == torch.float32
+        ref = np.exp(logits.numpy() - logits.numpy().max(axis=1, keepdims=True))
+        ref /= ref.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(p.numpy(), ref, rtol=0, atol=1e-6)
+
+    def test_log_probabilities_give_the_same_probabilities(self):
+        logits = _logits(6, 1, 4, seed=2)[:, 0]
+        assert_close(probabilities(torch.log_softmax(logits, dim=1)), probabilities(logits),
+                     rtol=0, atol=1e-6)
+
+
+class TestSummaries:
+    @pytest.mark.parametrize("shape", [(7, 2), (20, 5), (13, 3), (4, 200)])
+    def test_max_prob_and_entropy_against_loops(self, shape):
+        n, c = shape
+        p = probabilities(_logits(n, 1, c, seed=c)[:, 0])
+        rows = p.double().numpy()
+        assert_close(max_prob(p).double(), torch.tensor([max(r) for r in rows]), **TOL)
+        assert_close(one_minus_entropy(p).double(),
+                     torch.tensor([_loop_entropy_score(r) for r in rows], dtype=torch.float64),
+                     **TOL)
+
+    def test_entropy_one_for_one_hot_zero_for_uniform_and_zero_log_zero(self):
+        p = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]])
+        out = one_minus_entropy(p)
+        assert torch.isfinite(out).all()
+        assert_close(out, torch.tensor([1.0, 0.0, 0.5]), rtol=0, atol=1e-6)
+
+    @pytest.mark.parametrize("c, m", [(6, 3), (6, 6), (2, 4), (10, 1)])
+    def test_top_probs_sorted_and_zero_padded(self, c, m):
+        p = probabilities(_logits(11, 1, c, seed=c + m)[:, 0])
+        out = top_probs(p, m)
+        assert out.shape == (11, m)
+        for i, row in enumerate(p.tolist()):
+            ref = sorted(row, reverse=True)[:m] + [0.0] * max(0, m - c)
+            assert_close(out[i], torch.tensor(ref), rtol=0, atol=0)
+
+    @settings(max_examples=60, deadline=None)
+    @given(hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(2, 7)),
+                      elements=st.floats(-80, 80, width=32)))
+    def test_summaries_lie_in_unit_interval(self, logits):
+        p = probabilities(torch.from_numpy(logits))
+        for value in (max_prob(p), one_minus_entropy(p)):
+            assert torch.isfinite(value).all()
+            assert value.min() >= 0.0 and value.max() <= 1.0
+        assert (max_prob(p) >= 1.0 / logits.shape[1] - 1e-6).all()
+
+
+class TestHistory:
+    @pytest.mark.parametrize("shape", [(7, 1, 2), (20, 4, 5), (13, 6, 3), (30, 5, 2)])
+    @pytest.mark.parametrize("tied", [False, True])
+    def test_every_history_feature_against_loops(self, shape, tied):
+        logits = _ties(*shape, seed=sum(shape)) if tied else _logits(*shape, seed=sum(shape))
+        p = torch.softmax(logits.float(), dim=2)
+        ref = _loop_history(p.double().numpy())
+        outs = _run_history(logits)
+        for j, out in enumerate(outs):
+            np.testing.assert_array_equal(out["pred"].numpy(), ref["pred"][:, j])
+            np.testing.assert_array_equal(out["run"].numpy(), ref["run"][:, j])
+            np.testing.assert_allclose(out["vote"].numpy(), ref["vote"][:, j], rtol=0, atol=1e-7)
+            np.testing.assert_allclose(out["prev_at_pred"].numpy(), ref["prev"][:, j],
+                                       rtol=0, atol=1e-6)
+            np.testing.assert_allclose(out["mean_at_pred"].numpy(), ref["mean"][:, j],
+                                       rtol=0, atol=1e-6)
+            np.testing.assert_array_equal(out["agree"].numpy(), ref["agree"][:, j])
 
     def test_hand_case(self):
-        p = np.array([[[0.7, 0.3], [0.4, 0.6], [0.2, 0.8]]])
-        np.testing.assert_allclose(agreement_features(p)[0], [[0.4, 0.7, 0.7, 1.0],
-                                                              [0.2, 0.3, 0.3, 0.0],
-                                                              [0.6, 0.6, 0.45, 1.0]])
+        # exits answer 0, 1, 1: runs 1, 1, 2; votes 1, 1/2, 2/3
+        p = torch.tensor([[[0.7, 0.3]], [[0.4, 0.6]], [[0.2, 0.8]]]).transpose(0, 1)  # [1, 3, 2]
+        hist = new_history(1, 2)
+        outs = [advance_history(hist, j, p[:, j]) for j in range(3)]
+        assert [int(o["pred"]) for o in outs] == [0, 1, 1]
+        assert [float(o["run"]) for o in outs] == [1.0, 1.0, 2.0]
+        assert_close(torch.cat([o["vote"] for o in outs]), torch.tensor([1.0, 0.5, 2 / 3]))
+        assert_close(torch.cat([o["prev_at_pred"] for o in outs]), torch.tensor([0.7, 0.3, 0.6]))
+        assert_close(torch.cat([o["mean_at_pred"] for o in outs]),
+                     torch.tensor([0.7, 0.3, 0.45]))
+        assert_close(torch.cat([o["agree"] for o in outs]), torch.tensor([1.0, 0.0, 1.0]))
 
-    def test_blocks_and_torch_give_the_same_answer(self, monkeypatch):
-        p = _random_probs(50, 4, 6, seed=5)
-        whole = agreement_features(p)
-        t = agreement_features(torch.from_numpy(p.astype(np.float32)))
-        assert isinstance(t, torch.Tensor)
-        np.testing.assert_allclose(t.numpy(), whole, atol=1e-6)
-        np.testing.assert_allclose(margin(torch.from_numpy(p)).numpy(), whole[..., 0],
-                                   atol=1e-12)
-        monkeypatch.setattr(features, "_BLOCK_ELEMENTS", 24 * 7)
-        np.testing.assert_array_equal(agreement_features(p), whole)
+    def test_without_probabilities_keeps_only_what_votes_and_runs_need(self):
+        logits = _logits(10, 3, 4, seed=5)
+        hist = new_history(10, 4, probs=False)
+        assert set(hist) == {"pred", "run", "votes"}
+        lean = _run_history(logits, probs=False)
+        full = _run_history(logits, probs=True)
+        for a, b in zip(lean, full):
+            assert set(a) == {"pred", "run", "vote"}
+            for key in a:
+                assert_close(a[key], b[key], rtol=0, atol=0)
 
+    def test_select_rows_continues_like_the_whole_batch(self):
+        """The runtime drops exited samples by indexing every history tensor; the
+        survivors' later features must equal those of the full batch."""
+        logits = _logits(12, 4, 5, seed=7)
+        full = _run_history(logits)
+        keep = torch.tensor([True, False, True, True, False, False, True, False, True, True,
+                             False, True])
+        hist = new_history(12, 5)
+        for j in range(2):
+            advance_history(hist, j, probabilities(logits[:, j]))
+        hist = select_rows(hist, keep)
+        idx = torch.nonzero(keep).flatten()
+        hist = select_rows(hist, torch.arange(idx.numel()).flip(0))  # and reorder
+        for j in range(2, 4):
+            out = advance_history(hist, j, probabilities(logits[idx.flip(0), j]))
+            for key, value in out.items():
+                assert_close(value, full[j][key][idx.flip(0)], rtol=0, atol=1e-7)
 
-class TestDtypesAndTorch:
-    def test_float16_and_float32_inputs(self):
-        p = _random_probs(30, 3, 7)
-        ref = confidence_features(p)
-        for dtype in (np.float16, np.float32):
-            out = confidence_features(p.astype(dtype))
-            assert out.dtype == np.float64
-            np.testing.assert_allclose(out[..., :2], ref[..., :2], atol=5e-3)
-
-    def test_torch_matches_numpy(self):
-        p = _random_probs(25, 4, 6, zeros=True).astype(np.float32)
-        t = torch.from_numpy(p)
-        for fn in (max_prob, one_minus_entropy, vote_ratio, confidence_features):
-            out = fn(t)
-            assert isinstance(out, torch.Tensor)
-            np.testing.assert_allclose(out.numpy(), fn(p), atol=1e-5)
-        np.testing.assert_allclose(top_probs(t, 3).numpy(), top_probs(p, 3), atol=1e-7)
-
-    def test_torch_entropy_gradient_finite_with_zeros(self):
-        p = torch.tensor([[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]]], requires_grad=True)
-        one_minus_entropy(p).sum().backward()
-        assert torch.isfinite(p.grad).all()
-
-
-class TestValidation:
-    @pytest.mark.parametrize("bad, match", [
-        (np.zeros((3, 4)), "shape"),
-        (np.full((2, 2, 3), -1.0), r"\[0, 1\]"),
-        (np.full((2, 2, 3), np.nan), r"\[0, 1\]"),
-        (np.ones((2, 2, 3), dtype=np.int64), "floating"),
-        (np.zeros((2, 0, 3)), "at least one exit"),
-    ])
-    def test_bad_probs(self, bad, match):
-        with pytest.raises(EenetError, match=match):
-            confidence_features(bad)
-
-    def test_bad_m(self):
-        with pytest.raises(EenetError, match="m must be a positive integer"):
-            top_probs(np.full((1, 1, 2), 0.5), 0)
-
-    def test_empty_sample_axis(self):
-        assert confidence_features(np.zeros((0, 3, 4))).shape == (0, 3, 3)
-
-
-@settings(max_examples=60, deadline=None)
-@given(hnp.arrays(np.float64, hnp.array_shapes(min_dims=3, max_dims=3, min_side=1, max_side=6),
-                  elements=st.floats(0.0, 1e3, allow_nan=False, allow_infinity=False)),
-       st.sampled_from([np.float16, np.float32, np.float64]))
-def test_features_lie_in_unit_interval(raw, dtype):
-    totals = raw.sum(axis=2, keepdims=True)
-    probs = np.where(totals > 0, raw / np.where(totals > 0, totals, 1.0), 1.0 / raw.shape[2])
-    f = confidence_features(probs.astype(dtype))
-    assert f.shape == probs.shape[:2] + (3,)
-    assert np.all(np.isfinite(f))
-    assert np.all((f >= 0) & (f <= 1))
-    k = np.arange(1, probs.shape[1] + 1)
-    assert np.all(f[..., 2] >= 1.0 / k - 1e-12)  # some exit always agrees with itself
+    def test_select_rows_keeps_every_tensor(self):
+        state = {"a": torch.arange(5), "b": torch.arange(10).view(5, 2)}
+        out = select_rows(state, torch.tensor([4, 1]))
+        assert out["a"].tolist() == [4, 1] and out["b"].tolist() == [[8, 9], [2, 3]]
