@@ -1,4 +1,4 @@
-"""Tiny multi-exit models and factories for the tests of eenet.ingest.model (CPU, no data)."""
+"""Tiny multi-exit models and factories for the tests of eenet.ingest and caching (CPU, no data)."""
 from __future__ import annotations
 
 import torch
@@ -144,3 +144,122 @@ class ReversedHeads(nn.Module):
         second = self.h2(b)
         first = self.h1(a)
         return [first, second]
+
+
+# ---------------------------------------------------------------------------
+# wide outputs (many chunks per cache), slow forwards (time to interrupt a run)
+# ---------------------------------------------------------------------------
+WIDE_CLASSES = 1000
+
+
+class SlowStaged(StagedMLP):
+    """A staged MLP whose forward sleeps ``delay`` seconds first (its stages do not)."""
+
+    def __init__(self, delay: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.delay = delay
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        import time
+
+        time.sleep(self.delay)
+        return super().forward(x)
+
+
+def wide() -> StagedMLP:
+    """3 exits x 1000 classes: 12 kB of logits per sample, so ~80 samples per chunk."""
+    torch.manual_seed(1)
+    return StagedMLP(widths=(8, 16, 32), n_classes=WIDE_CLASSES)
+
+
+def slow_wide() -> SlowStaged:
+    """``wide()`` with 0.05 s per forward: a run of ``wide_data`` at batch 16 takes 1.5 s."""
+    torch.manual_seed(1)
+    return SlowStaged(0.05, widths=(8, 16, 32), n_classes=WIDE_CLASSES)
+
+
+def wide_data(n: int = 480) -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(2)
+    return torch.utils.data.TensorDataset(torch.randn(n, N_FEATURES, generator=g),
+                                          torch.randint(0, WIDE_CLASSES, (n,), generator=g))
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """An iterable dataset (no length) over ``wide_data``."""
+
+    def __iter__(self):
+        return iter(wide_data())
+
+
+def wide_stream() -> Stream:
+    return Stream()
+
+
+# ---------------------------------------------------------------------------
+# a real small disk, where the test may mount one
+# ---------------------------------------------------------------------------
+def mount_tmpfs(path, size: str = "2m"):
+    """Mount a tmpfs of ``size`` at ``path`` (a context manager); skips the test unless root
+    may mount one."""
+    import contextlib
+    import os
+    import subprocess
+
+    import pytest
+
+    @contextlib.contextmanager
+    def mounted():
+        path.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()})")
+        try:
+            yield path
+        finally:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    return mounted()
+
+
+# ---------------------------------------------------------------------------
+# a dataset that fails part-way while a marker file exists (an interrupted run)
+# ---------------------------------------------------------------------------
+FLAKY_ENV = "EENET_TEST_FLAKY"
+FLAKY_FROM = 250
+
+
+def _flaky(index: int) -> None:
+    import os
+
+    marker = os.environ.get(FLAKY_ENV)
+    if marker and os.path.exists(marker) and index >= FLAKY_FROM:
+        raise RuntimeError(f"read failed at item {index}")
+
+
+class FlakyWide(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.inner = wide_data()
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int):
+        _flaky(index)
+        return self.inner[index]
+
+
+class FlakyStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        for i, item in enumerate(wide_data()):
+            _flaky(i)
+            yield item
+
+
+def flaky_wide() -> FlakyWide:
+    return FlakyWide()
+
+
+def flaky_stream() -> FlakyStream:
+    return FlakyStream()

@@ -1,13 +1,22 @@
-"""The HDF5 exit cache: round trips, streaming, atomic writes and reader rejections."""
+"""The HDF5 exit cache: round trips, streaming, atomic writes, full disks, chunks and shards,
+the stratified splitter, and reader rejections."""
 from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eenet._validation import CacheError, EenetError
-from eenet.cache import (FORMAT_VERSION, CacheWriter, ExitCache, _rows_per_block, read_cache,
-                         write_cache)
+from eenet.cache import (FORMAT_VERSION, CacheWriter, ExitCache, _rows_per_block, merge_shards,
+                         read_cache, read_costs, stratified_split, summarize_cache, write_cache)
 
 from conftest import synthetic_cache
 
@@ -208,3 +217,177 @@ class TestExitCache:
         assert s["exit_accuracy"] == [0.25, 0.5]
         assert s["last_exit_accuracy"] == 0.5
         assert s["oracle_accuracy"] == 0.75
+
+
+# ---------------------------------------------------------------------------
+class TestStratifiedSplit:
+    @settings(max_examples=60, deadline=None)
+    @given(sizes=st.lists(st.integers(1, 60), min_size=1, max_size=12),
+           fraction=st.floats(0.05, 0.95), seed=st.integers(0, 2**16))
+    def test_partition_size_and_strata(self, sizes, fraction, seed):
+        labels = np.repeat(np.arange(len(sizes)), sizes)
+        np.random.default_rng(seed).shuffle(labels)
+        rest, held = stratified_split(labels, fraction, seed)
+        n = labels.size
+        np.testing.assert_array_equal(np.sort(np.concatenate([rest, held])), np.arange(n))
+        if held.size == 0:  # only when one side would be empty
+            assert round(fraction * n) in (0, n)
+            return
+        assert held.size == round(fraction * n)
+        # Every class gives about `fraction` of its members: the common quantile cut-off
+        # is within (n_classes + 1) / n of `fraction`, and ranks add at most one sample.
+        slack = (len(sizes) + 1) / n
+        for c, size in enumerate(sizes):
+            got = int((labels[held] == c).sum())
+            assert abs(got - fraction * size) <= 1 + size * slack + 1e-9
+
+    def test_seeded_and_tiny_classes_are_not_skipped(self):
+        labels = np.arange(100)  # 100 classes of one sample each
+        rest, held = stratified_split(labels, 0.3, seed=4)
+        assert held.size == 30 and rest.size == 70
+        np.testing.assert_array_equal(held, stratified_split(labels, 0.3, seed=4)[1])
+        assert not np.array_equal(held, stratified_split(labels, 0.3, seed=5)[1])
+
+    @pytest.mark.parametrize("labels, fraction", [(np.zeros(2, np.int64), 0.2),
+                                                  (np.arange(10), 0.0)])
+    def test_degenerate_fractions_hold_out_nothing(self, labels, fraction):
+        rest, held = stratified_split(labels, fraction, 0)
+        assert held.size == 0 and rest.size == labels.size
+
+    def test_bad_fraction(self):
+        with pytest.raises(EenetError, match="holdout fraction must be a finite number in"):
+            stratified_split(np.arange(5), 1.5, 0)
+
+    def test_holdout_split_uses_it(self):
+        c = synthetic_cache(300, seed=2, sample_ids=np.arange(300))
+        _, b = c.holdout_split(0.25, seed=9)
+        np.testing.assert_array_equal(b.sample_ids, stratified_split(c.labels, 0.25, 9)[1])
+        with pytest.raises(EenetError, match="leaves one side empty.*choose a fraction"):
+            synthetic_cache(3, seed=0).holdout_split(0.1)
+
+
+# ---------------------------------------------------------------------------
+def _fail_after(limit_bytes: int):
+    """An ``os.pwrite`` that fills a pretend disk of ``limit_bytes``, then raises ENOSPC."""
+    real = os.pwrite
+    state = {"written": 0}
+
+    def pwrite(fd, data, offset):
+        if state["written"] + len(data) > limit_bytes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        state["written"] += len(data)
+        return real(fd, data, offset)
+    return pwrite
+
+
+class TestFullDisk:
+    @pytest.mark.parametrize("limit", [0, 3000, 400_000])
+    def test_injected_enospc_is_one_line_and_leaves_nothing(self, tmp_path, monkeypatch,
+                                                             limit):
+        big = synthetic_cache(4000, n_classes=100, seed=0)  # ~6 MB of logits, 6 chunks
+        monkeypatch.setattr(os, "pwrite", _fail_after(limit))
+        with pytest.raises(EenetError, match=r"c\.h5: no space left on device while writing; "
+                                             r"free some space or write to another disk"):
+            write_cache(tmp_path / "c.h5", big)
+        monkeypatch.undo()
+        assert _leftovers(tmp_path) == []
+        write_cache(tmp_path / "c.h5", big)  # the process is still healthy
+        assert read_cache(tmp_path / "c.h5").n_samples == 4000
+
+    def test_process_exits_cleanly_after_a_full_disk(self, tmp_path):
+        # HDF5 crashed at exit after a failed close (segfault, exit 139); run it for real.
+        script = (
+            "import errno, os, sys\n"
+            "from eenet.synthetic import synthetic_cache\n"
+            "from eenet.cache import write_cache\n"
+            "real = os.pwrite\n"
+            "def full(fd, data, offset):\n"
+            "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "os.pwrite = full\n"
+            "try:\n"
+            "    write_cache(sys.argv[1], synthetic_cache(3000, n_classes=100))\n"
+            "except Exception as err:\n"
+            "    print(type(err).__name__, err)\n")
+        res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.h5")],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert res.stdout.startswith("EenetError") and "no space left" in res.stdout
+        assert res.stderr == ""  # no "Exception ignored" lines from h5py
+        assert _leftovers(tmp_path) == []
+
+    def test_preflight_refuses_a_disk_too_small(self, tmp_path, monkeypatch):
+        Usage = type(shutil.disk_usage(tmp_path))
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 10**5, 10**5))
+        with pytest.raises(CacheError, match=r"needs about \d+ MiB but 0 MiB are free"):
+            write_cache(tmp_path / "c.h5", synthetic_cache(4000, n_classes=100, seed=0))
+        assert _leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------
+class TestChunks:
+    def test_direct_chunks_read_back_through_hdf5(self, tmp_path):
+        rng = np.random.default_rng(3)
+        for dtype in ("float32", "float16"):
+            logits = rng.normal(size=(57, 3, 5)).astype(dtype)
+            with CacheWriter(tmp_path / f"{dtype}.h5", n_exits=3, n_classes=5, dtype=dtype,
+                             chunk_rows=8, with_sample_ids=True) as w:
+                for start in range(0, 57, 5):
+                    w.write(logits[start:start + 5], np.arange(start, min(start + 5, 57)) % 5)
+                w.set_costs([1, 2, 3], cost_unit="ms", cost_source="given")
+            with h5py.File(tmp_path / f"{dtype}.h5") as f:
+                assert f["logits"].chunks == (8, 3, 5)
+                np.testing.assert_array_equal(f["logits"][()], logits)
+                np.testing.assert_array_equal(f["sample_ids"][()], np.arange(57))
+
+    def test_merge_copies_shards_in_order(self, tmp_path):
+        c = synthetic_cache(50, n_exits=2, n_classes=4, seed=5)
+        shards = []
+        for i, (a, b) in enumerate([(0, 24), (24, 50)]):  # 24 = three chunks of 8
+            shards.append(tmp_path / f"s{i}")
+            with CacheWriter(shards[-1], n_exits=2, n_classes=4, chunk_rows=8, shard=True,
+                             with_sample_ids=True) as w:
+                w.write(c.logits[a:b], c.labels[a:b], np.arange(a, b))
+        merge_shards(tmp_path / "m.h5", shards, costs=[1, 2], cost_unit="ms",
+                     cost_source="given", n_exits=2, n_classes=4, chunk_rows=8,
+                     with_sample_ids=True)
+        back = read_cache(tmp_path / "m.h5")
+        np.testing.assert_array_equal(back.logits, c.logits)
+        np.testing.assert_array_equal(back.sample_ids, np.arange(50))
+        with pytest.raises(CacheError, match="chunk layout"):
+            merge_shards(tmp_path / "x.h5", shards, costs=[1, 2], cost_unit="ms",
+                         cost_source="given", n_exits=2, n_classes=4, chunk_rows=16)
+        assert not (tmp_path / "x.h5").exists()
+
+    def test_write_chunk_refuses_after_a_partial_write(self, tmp_path):
+        with pytest.raises(RuntimeError, match="after a short chunk"):
+            with CacheWriter(tmp_path / "a.h5", n_exits=2, n_classes=3, chunk_rows=4) as w:
+                w.write(np.zeros((3, 2, 3)), np.zeros(3, int))
+                w.write_chunk(b"", np.zeros(4, int), np.arange(4))
+        assert _leftovers(tmp_path) == []
+
+
+class TestReadersWithoutLogits:
+    def test_summarize_equals_summary(self, tmp_path):
+        c = synthetic_cache(700, n_exits=3, seed=6, extra_costs={"flops": [1.0, 2.0, 5.0]})
+        path = write_cache(tmp_path / "c.h5", c, dtype="float16")
+        full = read_cache(path).summary()
+        streamed = summarize_cache(path)
+        assert streamed == full
+
+    def test_summarize_names_non_finite_rows(self, tmp_path, small_cache):
+        path = write_cache(tmp_path / "n.h5", small_cache)
+        with h5py.File(path, "a") as f:
+            f["logits"][433, 1, 2] = np.inf
+        with pytest.raises(CacheError, match=r"n\.h5: logits contains non-finite.*sample 433, "
+                                             r"exit 1"):
+            summarize_cache(path)
+
+    def test_read_costs(self, tmp_path):
+        c = synthetic_cache(40, n_exits=3, seed=1, costs=[1.0, 2.0, 4.0],
+                            extra_costs={"flops": [5.0, 6.0, 7.0]}, attrs={"device": "cpu"})
+        costs = read_costs(write_cache(tmp_path / "c.h5", c))
+        np.testing.assert_array_equal(costs.costs, [1.0, 2.0, 4.0])
+        assert costs.shape == (40, 3, 10) and costs.device == "cpu"
+        assert list(costs.extra_costs) == ["flops"]
+        with pytest.raises(EenetError, match="costs for 3 exits but this network has 4"):
+            costs.matching(4)

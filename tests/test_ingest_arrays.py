@@ -1,5 +1,12 @@
-"""`eenet import` and its library function, for every accepted layout."""
+"""`eenet import` and its library function: every accepted layout, shared costs, full disks."""
 from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +15,12 @@ from click.testing import CliRunner
 
 from eenet.cli import main
 from eenet._validation import EenetError
-from eenet.cache import read_cache
+from eenet.cache import read_cache, write_cache
 from eenet.ingest.arrays import import_exit_outputs, load_exit_outputs
+from eenet.synthetic import synthetic_cache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _toy_models import mount_tmpfs  # noqa: E402
 
 
 @pytest.fixture
@@ -148,3 +159,67 @@ class TestCli:
         res = runner.invoke(main, ["info", str(tmp_path / "junk.h5")])
         assert res.exit_code != 0 and "not an HDF5 file" in res.output
         assert list(tmp_path.glob("*.tmp")) == [] and not (tmp_path / "v.h5").exists()
+
+
+class TestCostsFrom:
+    def test_import_reuses_a_caches_costs(self, tmp_path, arrays):
+        logits, labels, _ = arrays
+        val = synthetic_cache(20, n_exits=3, n_classes=5, seed=1, costs=[0.5, 1.5, 2.0],
+                              extra_costs={"latency_ms_batchB": [0.1, 0.2, 0.3]})
+        write_cache(tmp_path / "val.h5", dataclasses.replace(val, cost_source="measured"))
+        np.savez(tmp_path / "t.npz", logits=logits, labels=labels)
+        res = CliRunner().invoke(main, ["import", str(tmp_path / "t.npz"), "--out",
+                                        str(tmp_path / "t.h5"), "--costs-from",
+                                        str(tmp_path / "val.h5")])
+        assert res.exit_code == 0, res.output
+        c = read_cache(tmp_path / "t.h5")
+        np.testing.assert_array_equal(c.costs, [0.5, 1.5, 2.0])
+        assert c.cost_source == "measured" and c.cost_unit == "ms"
+        np.testing.assert_array_equal(c.extra_costs["latency_ms_batchB"], [0.1, 0.2, 0.3])
+        assert c.attrs["costs_from"] == str((tmp_path / "val.h5").resolve())
+
+    def test_refusals(self, tmp_path, arrays):
+        np.savez(tmp_path / "t.npz", logits=arrays[0], labels=arrays[1])
+        write_cache(tmp_path / "four.h5", synthetic_cache(10, n_exits=4, seed=0))
+        with pytest.raises(EenetError, match="costs for 4 exits but this network has 3"):
+            load_exit_outputs(tmp_path / "t.npz", costs_from=tmp_path / "four.h5")
+        with pytest.raises(EenetError, match="either --costs or --costs-from"):
+            load_exit_outputs(tmp_path / "t.npz", costs=[1, 2, 3],
+                              costs_from=tmp_path / "four.h5")
+
+
+class TestFullDisk:
+    def test_injected_enospc_is_one_line(self, tmp_path, arrays, monkeypatch):
+        np.savez(tmp_path / "v.npz", logits=arrays[0], labels=arrays[1])
+        out = tmp_path / "out"
+        out.mkdir()
+
+        def full(fd, data, offset):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "pwrite", full)
+        res = CliRunner().invoke(main, ["import", str(tmp_path / "v.npz"), "--out",
+                                        str(out / "v.h5"), "--costs", "1,2,3"])
+        assert res.exit_code == 1
+        assert res.output.strip().splitlines() == [
+            f"Error: {out / 'v.h5'}: no space left on device while writing; free some space "
+            f"or write to another disk"]
+        assert list(out.iterdir()) == []
+
+    def test_real_small_disk(self, tmp_path):
+        # one chunk of 50 x 5 x 1000 (1 MB): no size estimate, the disk fills mid-write
+        # (this ended in a segmentation fault, exit 139, before the guarded writer)
+        rng = np.random.default_rng(0)
+        np.savez(tmp_path / "one.npz", logits=rng.normal(size=(50, 5, 1000)).astype("f4"),
+                 labels=rng.integers(0, 1000, 50))
+        with mount_tmpfs(tmp_path / "small", "2m") as small:
+            (small / "filler").write_bytes(b"\0" * 1_600_000)
+            res = subprocess.run([sys.executable, "-m", "eenet", "import",
+                                  str(tmp_path / "one.npz"), "--out", str(small / "x.h5"),
+                                  "--costs", "1,2,3,4,5"],
+                                 capture_output=True, text=True, timeout=120)
+            assert res.returncode == 1, res.stderr[-2000:]
+            assert res.stderr.strip().splitlines() == [
+                f"Error: {small / 'x.h5'}: no space left on device while writing; free some "
+                f"space or write to another disk"]
+            assert sorted(p.name for p in small.iterdir()) == ["filler"]

@@ -2,7 +2,14 @@
 per-exit costs (costs.py) and cache_model."""
 from __future__ import annotations
 
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -439,3 +446,192 @@ class TestCacheModel:
     def test_bad_dtype(self, data_npz, out_dir):
         self._fails(out_dir, "unknown dtype 'float64'", "_toy_models:staged", str(data_npz),
                     dtype="float64")
+
+
+# ---------------------------------------------------------------------------
+# costs shared between splits
+# ---------------------------------------------------------------------------
+class TestCostsFrom:
+    def test_copies_every_cost_vector_and_records_the_source(self, data_npz, out_dir):
+        val = read_cache(cache_model("_toy_models:staged", str(data_npz), out_dir / "val.h5",
+                                     device="cpu", batch_size=8, verbose=False, **FAST))
+        test = read_cache(cache_model("_toy_models:staged", str(data_npz), out_dir / "test.h5",
+                                      costs_from=out_dir / "val.h5", device="cpu",
+                                      batch_size=8, verbose=False))
+        np.testing.assert_array_equal(test.costs, val.costs)
+        assert (test.cost_unit, test.cost_source) == ("ms", "measured")
+        assert set(test.extra_costs) == set(val.extra_costs)
+        for name, vec in val.extra_costs.items():
+            np.testing.assert_array_equal(test.extra_costs[name], vec)
+        assert test.attrs["costs_from"] == str((out_dir / "val.h5").resolve())
+        assert test.attrs["costs_device"] == "cpu"
+
+    def test_refusals(self, data_npz, out_dir, tmp_path):
+        other = cache_model("_toy_models:nan_model", str(data_npz), tmp_path / "two.h5",
+                            costs=[1.0, 2.0], device="cpu", verbose=False)
+        with pytest.raises(EenetError, match="costs for 2 exits but this network has 3"):
+            cache_model("_toy_models:staged", str(data_npz), out_dir / "x.h5",
+                        costs_from=other, device="cpu", verbose=False)
+        with pytest.raises(EenetError, match="either --costs or --costs-from"):
+            cache_model("_toy_models:staged", str(data_npz), out_dir / "x.h5",
+                        costs=[1, 2, 3], costs_from=other, verbose=False)
+        with pytest.raises(EenetError, match="drop --timing"):
+            cache_model("_toy_models:staged", str(data_npz), out_dir / "x.h5",
+                        costs_from=other, timing=True, verbose=False)
+        with pytest.raises(CacheError, match="not an HDF5 file"):
+            cache_model("_toy_models:staged", str(data_npz), out_dir / "x.h5",
+                        costs_from=data_npz, device="cpu", verbose=False)
+        assert list(out_dir.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# full disks, signals, killed and resumed runs
+# ---------------------------------------------------------------------------
+WIDE = ("_toy_models:wide", "_toy_models:wide_data")
+SLOW_ARGS = ["--model", "_toy_models:slow_wide", "--data", "_toy_models:wide_data",
+             "--batch-size", "16"]
+
+
+def _spawn(*args: str) -> subprocess.Popen:
+    """``python -m eenet -q ARGS`` run from tests/ (where _toy_models lives)."""
+    return subprocess.Popen([sys.executable, "-m", "eenet", "-q", *map(str, args)], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.communicate()[1][-2000:]}")
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.02)
+
+
+def _same_cache(a, b) -> None:
+    np.testing.assert_allclose(a.logits, b.logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.sample_ids, b.sample_ids)
+
+
+def _flaky(monkeypatch, tmp_path) -> Path:
+    marker = tmp_path / "flaky-marker"
+    marker.touch()
+    monkeypatch.setenv(toy.FLAKY_ENV, str(marker))
+    return marker
+
+
+class TestFullDisk:
+    def test_injected_enospc_while_streaming(self, out_dir, monkeypatch):
+        real = os.pwrite
+
+        def pwrite(fd, data, offset):  # the disk fills after 1.5 MB
+            if offset + len(data) > 1_500_000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        with pytest.raises(EenetError, match=r"w\.h5: no space left on device while writing"):
+            cache_model(*WIDE, out_dir / "w.h5", costs=[1, 2, 3], batch_size=16,
+                        device="cpu", verbose=False)
+        assert list(out_dir.iterdir()) == []
+
+    def test_real_small_disk(self, tmp_path, data_npz):
+        with toy.mount_tmpfs(tmp_path / "small", "2m") as small:
+            res = subprocess.run([sys.executable, "-m", "eenet", "-q", "cache", "--model",
+                                  WIDE[0], "--data", WIDE[1], "--out", str(small / "w.h5"),
+                                  "--costs", "1,2,3"],
+                                 cwd=HERE, capture_output=True, text=True, timeout=120)
+            assert res.returncode == 1
+            lines = res.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"Error: {small / 'w.h5'}: ")
+            assert re.search(r"the cache needs about [56] MiB but 2 MiB are free on that disk; "
+                             r"free some space or write to another disk$", lines[0])
+            assert list(small.iterdir()) == []
+
+
+class TestInterrupts:
+    @pytest.mark.parametrize("sig, code, line", [
+        (signal.SIGTERM, 143, "terminated by signal 15; nothing was written"),
+        (signal.SIGINT, 130, "interrupted; nothing was written")])
+    def test_signal_leaves_nothing(self, out_dir, sig, code, line):
+        proc = _spawn("cache", *SLOW_ARGS, "--out", out_dir / "w.h5", "--costs", "1,2,3")
+        _wait_for(lambda: any(out_dir.glob(".w.h5.eenet-tmp.*")), proc)
+        time.sleep(0.3)  # well inside the stream of batches
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == code
+        assert err.strip().splitlines() == [line]
+        assert list(out_dir.iterdir()) == []
+
+    def test_sigkill_leftover_is_removed_by_the_next_run(self, out_dir):
+        proc = _spawn("cache", *SLOW_ARGS, "--out", out_dir / "w.h5", "--costs", "1,2,3")
+        _wait_for(lambda: any(out_dir.glob(".w.h5.eenet-tmp.*")), proc)
+        proc.kill()
+        proc.communicate(timeout=60)
+        assert len(list(out_dir.glob(".w.h5.eenet-tmp.*"))) == 1
+        with pytest.warns(UserWarning, match=r"removed .*w\.h5\.eenet-tmp.* was killed"):
+            cache_model(*WIDE, out_dir / "w.h5", costs=[1, 2, 3], batch_size=16,
+                        device="cpu", verbose=False)
+        assert sorted(p.name for p in out_dir.iterdir()) == ["w.h5"]
+
+
+class TestResume:
+    def test_after_sigkill_equals_an_uninterrupted_run(self, out_dir, tmp_path):
+        partial = out_dir / ".w.h5.eenet-partial"
+        proc = _spawn("cache", *SLOW_ARGS, "--out", out_dir / "w.h5", "--resume")
+        _wait_for(lambda: len(list(partial.glob("chunk-*.npz"))) >= 2, proc)
+        proc.kill()
+        proc.communicate(timeout=60)
+        done = sorted(p.name for p in partial.glob("chunk-*.npz"))
+        assert 2 <= len(done) < 6 and not (out_dir / "w.h5").exists()
+        saved = json.loads((partial / "costs.json").read_text())
+        resumed = read_cache(cache_model("_toy_models:slow_wide", "_toy_models:wide_data",
+                                         out_dir / "w.h5", batch_size=16, resume=True,
+                                         device="cpu", verbose=False))
+        whole = read_cache(cache_model(*WIDE, tmp_path / "whole.h5", costs=[1, 2, 3],
+                                       batch_size=16, device="cpu", verbose=False))
+        _same_cache(resumed, whole)
+        assert resumed.n_samples == 480 and resumed.cost_source == "measured"
+        np.testing.assert_array_equal(resumed.costs, saved["costs"])  # not measured again
+        assert sorted(p.name for p in out_dir.iterdir()) == ["w.h5"]
+
+    @pytest.mark.parametrize("data", ["_toy_models:flaky_wide", "_toy_models:flaky_stream"])
+    def test_failed_run_continues_from_its_chunks(self, out_dir, tmp_path, monkeypatch, data):
+        marker = _flaky(monkeypatch, tmp_path)
+        args = dict(costs=[1, 2, 3], batch_size=16, device="cpu", verbose=False)
+        with pytest.raises(EenetError, match="reading batch 15 .*read failed at item 250"):
+            cache_model("_toy_models:wide", data, out_dir / "w.h5", resume=True, **args)
+        partial = out_dir / ".w.h5.eenet-partial"
+        # rows 0..239 were complete: chunks 0, 1, 2 of 80 rows
+        assert sorted(p.name for p in partial.glob("chunk-*.npz")) == [
+            f"chunk-{i:08d}.npz" for i in range(3)]
+        with pytest.raises(EenetError, match="started with other arguments .*batch_size: 16 "
+                                             "then, 8 now"):
+            cache_model("_toy_models:wide", data, out_dir / "w.h5", resume=True,
+                        **{**args, "batch_size": 8})
+        marker.unlink()
+        resumed = read_cache(cache_model("_toy_models:wide", data, out_dir / "w.h5",
+                                         resume=True, **args))
+        whole = read_cache(cache_model(*WIDE, tmp_path / "whole.h5", **args))
+        _same_cache(resumed, whole)
+        assert sorted(p.name for p in out_dir.iterdir()) == ["w.h5"]
+
+    def test_a_run_without_resume_reports_the_partial_state(self, out_dir, tmp_path,
+                                                             monkeypatch):
+        _flaky(monkeypatch, tmp_path)
+        with pytest.raises(EenetError, match="read failed"):
+            cache_model("_toy_models:wide", "_toy_models:flaky_wide", out_dir / "w.h5",
+                        costs=[1, 2, 3], batch_size=16, resume=True, device="cpu",
+                        verbose=False)
+        with pytest.warns(UserWarning, match="holds an interrupted run; continue it with "
+                                             "--resume or delete it"):
+            cache_model(*WIDE, out_dir / "w.h5", costs=[1, 2, 3], batch_size=16,
+                        device="cpu", verbose=False)
+
+    def test_bad_input_leaves_no_state(self, out_dir, data_npz):
+        with pytest.raises(EenetError, match="cannot tell which module produces exit 1"):
+            cache_model("_toy_models:nan_model", str(data_npz), out_dir / "x.h5",
+                        resume=True, device="cpu", verbose=False, **FAST)
+        assert list(out_dir.iterdir()) == []

@@ -223,7 +223,7 @@ def _batches(model: nn.Module, loader: DataLoader, device: torch.device, *,
     non_blocking = device.type == "cuda"
     shape: tuple[int, int] | None = None
     seen = 0
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(_reading(loader)):
         if not isinstance(batch, (list, tuple)) or len(batch) != 2:
             raise EenetError(f"batch {i} is {describe(batch)}; the dataset must yield "
                              f"(input, integer label) pairs")
@@ -247,6 +247,22 @@ def _batches(model: nn.Module, loader: DataLoader, device: torch.device, *,
             break
     if seen == 0 and first_id == 0:
         raise EenetError("the dataset yielded no samples; check the data spec and --limit")
+
+
+def _reading(loader: DataLoader) -> Iterator[Any]:
+    """The loader's batches; a dataset that fails while read becomes one line."""
+    batches = iter(loader)
+    for i in itertools.count():
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except EenetError:
+            raise
+        except Exception as err:
+            raise EenetError(f"reading batch {i} of the dataset raised {type(err).__name__}: "
+                             f"{first_line(err)}; check the dataset") from err
+        yield batch
 
 
 def _loader(dataset: Any, batch_size: int, num_workers: int, device: torch.device,
@@ -573,10 +589,18 @@ def _spec(job: _Job) -> dict[str, Any]:
 
 
 def _partial_costs(job: _Job, run: PartialRun) -> ChosenCosts:
-    saved = run.load_costs()
+    """The costs of a resumable run: those an earlier run saved, or settled now and saved.
+
+    The state directory is created only here, once the costs are known, so a
+    run refused for bad input leaves nothing behind.
+    """
+    spec = _spec(job)
+    saved = run.load_costs() if run.check(spec) else None
     if saved is not None:
+        logger.info("resuming the interrupted run in %s", run.dir)
         return ChosenCosts.from_json(saved)
     costs = _costs(job)
+    run.start(spec)
     run.save_costs(costs.to_json())
     return costs
 
@@ -624,8 +648,6 @@ def _assemble(job: _Job, run: PartialRun, out: Path, n_chunks: int, costs: Chose
 
 def _run_resumable(job: _Job, out: Path) -> None:
     run = PartialRun(out)
-    if run.start(_spec(job)):
-        logger.warning("resuming the interrupted run in %s", run.dir)
     costs = _partial_costs(job, run)
     if job.n_rows is None:
         n_chunks = _write_pending_iterable(job, run)
@@ -641,8 +663,7 @@ def _run_distributed(job: _Job, out: Path, ctx: DistContext) -> None:
                          "--limit; an iterable dataset cannot be split between ranks")
     if job.opts.resume:
         run = PartialRun(out)
-        step(ctx, lambda: run.start(_spec(job)), "checking the interrupted run", ranks=[0])
-        costs = step(ctx, lambda: _partial_costs(job, run), "measuring costs", ranks=[0])
+        costs = step(ctx, lambda: _partial_costs(job, run), "settling the costs", ranks=[0])
         run_sharded(ctx, out, job.n_chunks,
                     lambda _, chunks: _write_pending(job, run, chunks),
                     lambda _: _assemble(job, run, out, job.n_chunks, costs, ctx))

@@ -48,10 +48,10 @@ class BackgroundWriter:
     """Feed ``sink.write(logits, labels, sample_ids)`` from a thread with a bounded queue.
 
     Use as a context manager around the loop that produces batches. Leaving
-    the block normally waits for every batch to be written; leaving it with
-    an exception (Ctrl-C, SIGTERM, an error) drops what is queued and stops
-    the thread before the exception goes on, so the sink can be cleaned up
-    from the caller's thread.
+    the block normally, or with an error, waits for the queued batches to be
+    written; leaving it on Ctrl-C or SIGTERM drops them. Either way the thread
+    has stopped before the block is left, so the sink can be cleaned up from
+    the caller's thread.
 
     Args:
         sink: an object with ``write(logits, labels, sample_ids)``.
@@ -117,7 +117,9 @@ class BackgroundWriter:
             raise self._error
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        if exc_type is not None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            # Ctrl-C or SIGTERM: stop at once. After an error the queued batches are
+            # still written, so a resumable run keeps every chunk it completed.
             self._abort.set()
             _drain(self._queue)
         self._put_stop()
@@ -165,36 +167,36 @@ class PartialRun:
     def exists(self) -> bool:
         return (self.dir / "spec.json").is_file()
 
-    def start(self, spec: Mapping[str, Any]) -> bool:
-        """Create the state for ``spec``, or check an existing one against it.
-
-        Returns:
-            True when an earlier run's state was found (and matches).
+    def check(self, spec: Mapping[str, Any]) -> bool:
+        """Whether an earlier run's state exists; it must have been started with ``spec``.
 
         Raises:
             EenetError: the earlier run was started with other arguments.
         """
+        if not self.exists():
+            return False
         spec = json.loads(json.dumps(dict(spec)))  # plain JSON values, as stored
-        if self.exists():
-            try:
-                old = json.loads((self.dir / "spec.json").read_text())
-            except (OSError, ValueError):
-                old = None
-            if not isinstance(old, dict):
-                raise EenetError(f"{self.dir}: spec.json is damaged; delete {self.dir} to "
-                                 f"start over")
-            diff = sorted(k for k in set(spec) | set(old) if spec.get(k) != old.get(k))
-            if diff:
-                shown = "; ".join(f"{k}: {old.get(k)!r} then, {spec.get(k)!r} now"
-                                  for k in diff[:4])
-                raise EenetError(f"--resume: the interrupted run in {self.dir} was started "
-                                 f"with other arguments ({shown}); rerun with the same "
-                                 f"arguments or delete {self.dir} to start over")
-            return True
+        try:
+            old = json.loads((self.dir / "spec.json").read_text())
+        except (OSError, ValueError):
+            old = None
+        if not isinstance(old, dict):
+            raise EenetError(f"{self.dir}: spec.json is damaged; delete {self.dir} to start "
+                             f"over")
+        diff = sorted(k for k in set(spec) | set(old) if spec.get(k) != old.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: {old.get(k)!r} then, {spec.get(k)!r} now"
+                              for k in diff[:4])
+            raise EenetError(f"--resume: the interrupted run in {self.dir} was started with "
+                             f"other arguments ({shown}); rerun with the same arguments or "
+                             f"delete {self.dir} to start over")
+        return True
+
+    def start(self, spec: Mapping[str, Any]) -> None:
+        """Create the state directory for a run of ``spec``."""
         self.dir.mkdir(exist_ok=True)
         with atomic_output(self.dir / "spec.json") as tmp:
-            tmp.write_text(json.dumps(spec, indent=1, sort_keys=True))
-        return False
+            tmp.write_text(json.dumps(dict(spec), indent=1, sort_keys=True))
 
     # ---- costs -----------------------------------------------------------------
     def load_costs(self) -> dict[str, Any] | None:
