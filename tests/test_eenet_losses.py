@@ -1,15 +1,24 @@
-"""Tests of eenet.losses against plain-Python-loop references."""
+"""Tests of eenet.scores.eenet_losses against plain-Python-loop references, and proof that
+training calls the checked loss."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from torch.testing import assert_close
 
+import eenet.scores.eenet_heads as heads_mod
 from eenet._validation import EenetError
-from eenet.scores.eenet_losses import (assignment_loss, assignment_targets, budget_loss, score_targets,
-                          scoring_loss, scoring_weights, total_loss)
+from eenet.scores.eenet import EENetScorer
+from eenet.scores.eenet_losses import (assignment_loss, assignment_targets, budget_loss,
+                                       loss_terms, score_targets, scoring_loss,
+                                       scoring_weights, total_loss)
+from eenet.synthetic import synthetic_cache
 
 # float64 throughout: the references are exact up to summation order
 TOL = {"rtol": 1e-10, "atol": 1e-12}
@@ -224,3 +233,144 @@ class TestScoreTargets:
         assert score_targets(ok, "no_regret").tolist() == [[1.0], [0.0]]
         with pytest.raises(EenetError, match="unknown score target"):
             score_targets(ok, "bogus")
+
+
+# ---- loss_terms: what training minimises -----------------------------------------
+def _ref_loss_terms(q_logit, z, q_star, r_star, costs, budget, detach_weights):
+    """The three terms with scalar torch ops in plain loops, so autograd gives the
+    reference gradients too."""
+    n, k = q_logit.shape
+    r = []
+    for i in range(n):
+        exps = [torch.exp(z[i, j]) for j in range(k)]
+        total = sum(exps)
+        r.append([e / total for e in exps])
+    # scoring: survival-weighted BCE
+    scoring = 0.0
+    for j in range(k):
+        survive = []
+        for i in range(n):
+            rr = [x.detach() if detach_weights else x for x in r[i]]
+            survive.append(1.0 - sum(rr[:j]) if j else torch.tensor(1.0, dtype=z.dtype))
+        norm = sum(survive)
+        for i in range(n):
+            q = torch.sigmoid(q_logit[i, j])
+            t = float(q_star[i, j])
+            bce = -(t * torch.log(q) + (1 - t) * torch.log(1 - q))
+            scoring = scoring + survive[i] / norm * bce
+    scoring = scoring / k
+    # assignment: cross-entropy against r*
+    assign = 0.0
+    for i in range(n):
+        for j in range(k):
+            if float(r_star[i, j]) > 0:
+                assign = assign - float(r_star[i, j]) * torch.log(r[i][j])
+    assign = assign / (n * k)
+    # budget: relative gap of the expected cost
+    expected = sum(r[i][j] * float(costs[j]) for i in range(n) for j in range(k)) / n
+    budget_term = torch.abs(budget - expected) / budget
+    return {"scoring": scoring, "assignment": assign, "budget": budget_term}
+
+
+class TestLossTerms:
+    @pytest.mark.parametrize("detach", [True, False])
+    @pytest.mark.parametrize("target", ["correct", "no_regret"])
+    @pytest.mark.parametrize("budget", [1.5, 3.0, 6.5])
+    def test_values_and_gradients_against_loops(self, detach, target, budget):
+        q0, z0, correct, costs = _inputs(n=6, k=4, seed=11)
+        q_star = score_targets(correct, target, dtype=torch.float64)
+        r_star = assignment_targets(correct, dtype=torch.float64)
+        alpha_ce, alpha_budget = 0.7, 2.0
+        grads = []
+        for fn in (loss_terms, _ref_loss_terms):
+            q_logit = q0.clone().requires_grad_(True)
+            z = z0.clone().requires_grad_(True)
+            if fn is loss_terms:
+                terms = fn(q_logit, z, q_star, r_star, costs, budget, detach_weights=detach)
+            else:
+                terms = fn(q_logit, z, q_star, r_star, costs, budget, detach)
+            total = terms["scoring"] + alpha_ce * terms["assignment"] \
+                + alpha_budget * terms["budget"]
+            total.backward()
+            grads.append((terms, q_logit.grad, z.grad))
+        (got, gq, gz), (ref, rq, rz) = grads
+        assert set(got) == {"scoring", "assignment", "budget"}
+        for key in ref:
+            assert_close(got[key].detach(), ref[key].detach(), rtol=1e-10, atol=1e-12)
+        assert_close(gq, rq, rtol=1e-9, atol=1e-12)
+        assert_close(gz, rz, rtol=1e-9, atol=1e-12)
+
+    def test_detached_weights_keep_the_scoring_term_off_the_assignment(self):
+        q0, z0, correct, costs = _inputs(n=6, k=3, seed=4)
+        q_star, r_star = correct.double(), assignment_targets(correct, dtype=torch.float64)
+        grads = []
+        for detach in (True, False):
+            q_logit = q0.clone().requires_grad_(True)
+            z = z0.clone().requires_grad_(True)
+            loss_terms(q_logit, z, q_star, r_star, costs[:3], 2.0,
+                       detach_weights=detach)["scoring"].backward()
+            grads.append((q_logit.grad, z.grad))
+        assert grads[0][1] is None
+        assert float(grads[1][1].abs().sum()) > 0.0
+        assert_close(grads[0][0], grads[1][0], **TOL)  # the same gradient for the scores
+
+    @pytest.mark.parametrize("scale", [0.0, 1e2, 1e4, 1e30])
+    def test_gradients_finite_for_extreme_inputs(self, scale):
+        n, k = 5, 3
+        q_logit = (torch.tensor([[1.0, -1.0, 1.0]] * n) * scale).requires_grad_(True)
+        z = (torch.tensor([[1.0, -1.0, 0.0]] * n) * scale).requires_grad_(True)
+        correct = torch.zeros(n, k, dtype=torch.bool)
+        correct[0, 1] = True
+        terms = loss_terms(q_logit, z, score_targets(correct, "no_regret"),
+                           assignment_targets(correct), torch.tensor([0.0, 0.5, 1.0]), 0.3,
+                           detach_weights=False)
+        sum(terms.values()).backward()
+        for value in terms.values():
+            assert torch.isfinite(value)
+        assert torch.isfinite(q_logit.grad).all() and torch.isfinite(z.grad).all()
+
+
+class TestTrainingCallsTheCheckedLoss:
+    def test_train_heads_minimises_loss_terms(self, monkeypatch):
+        """Every optimisation step and every holdout evaluation goes through
+        eenet_losses.loss_terms, and what it returns there matches the loop reference."""
+        real = heads_mod.loss_terms
+        calls = []
+
+        def counting(*args, **kwargs):
+            out = real(*args, **kwargs)
+            calls.append((args, kwargs, {k: v.detach() for k, v in out.items()}))
+            return out
+
+        monkeypatch.setattr(heads_mod, "loss_terms", counting)
+        cache = synthetic_cache(120, n_exits=3, n_classes=4, seed=2)
+        scorer = EENetScorer(epochs=3, patience=10, hidden=4, batch_size=32, holdout=0.25,
+                             alpha_ce=0.5, alpha_budget=3.0)
+        scorer.fit(cache, cache.costs, 3.0, seed=0)
+        d = scorer.diagnostics
+        assert d["steps"] == 3 * 3  # 90 training samples in batches of 32, three epochs
+        assert len(calls) == d["steps"] + d["epochs_run"]
+        # the holdout curve is the alpha-weighted sum of the checked terms
+        hold = [c[2] for i, c in enumerate(calls) if (i + 1) % 4 == 0]
+        for rec, loss in zip(hold, d["holdout_loss"]):
+            expected = rec["scoring"] + 0.5 * rec["assignment"] + 3.0 * rec["budget"]
+            assert float(expected) == pytest.approx(loss, rel=1e-6)
+        # one training step's call, against the reference loops
+        (q_logit, z, q_star, r_star, costs, budget), kwargs, out = calls[1]
+        assert kwargs == {"detach_weights": True}
+        assert q_logit.shape == (32, 3) and z.shape == (32, 3)
+        ref = _ref_loss_terms(q_logit.detach().double(), z.detach().double(),
+                              q_star.double(), r_star.double(), costs.double(), float(budget),
+                              True)
+        for key in ref:
+            assert_close(out[key].double(), ref[key].detach(), rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.float64, st.tuples(st.integers(1, 8), st.integers(1, 5)),
+                  elements=st.floats(-30, 30)))
+def test_scoring_weights_are_a_distribution_per_exit(z):
+    r = torch.softmax(torch.from_numpy(z), dim=1)
+    w = scoring_weights(r)
+    assert torch.isfinite(w).all() and (w >= 0).all()
+    assert_close(w.sum(0), torch.ones(z.shape[1], dtype=torch.float64), rtol=0, atol=1e-9)
