@@ -19,7 +19,7 @@ import copy
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -114,31 +114,29 @@ class ExitPolicy:
     # ---- costs ----------------------------------------------------------------
     def costs_for(self, cache: ExitCache) -> np.ndarray:
         """The costs this policy spends on ``cache``'s network: the cache's costs plus the
-        policy's own per-exit overhead, accumulated (exit k pays for deciding at 0..k;
-        nothing is decided at the last exit)."""
-        if self.overhead is None:
-            return cache.costs
-        paid = np.cumsum(self.overhead)
-        paid = np.concatenate([paid[:-1], paid[-2:-1]]) if paid.size > 1 else paid * 0
-        return cache.costs + paid
+        policy's own cost for a sample leaving at each exit (``overhead``, measured by
+        :func:`eenet.runtime.overhead.policy_overhead`), when it is counted."""
+        return cache.costs if self.overhead is None else cache.costs + self.overhead
 
     # ---- fitting ---------------------------------------------------------------
-    def fit(self, cache: ExitCache, budget: float, *, overhead: np.ndarray | None = None,
+    def fit(self, cache: ExitCache, budget: float, *,
+            overhead: np.ndarray | Callable[["ExitPolicy", ExitCache], Any] | None = None,
             verbose: bool = False) -> "ExitPolicy":
         """Fit the scorer on ``cache`` and calibrate the rule for ``budget``; returns self.
 
         Args:
             cache: the validation split.
             budget: average cost per sample, in the cache's cost unit.
-            overhead: [n_exits] the policy's own cost of deciding at each exit,
-                in the cache's cost unit (see :mod:`eenet.scores.overhead`);
-                ``None`` charges nothing for it.
+            overhead: the policy's own cost ``O_k`` [n_exits] for a sample leaving
+                at exit k, in the cache's unit, or a function ``f(policy, cache)``
+                returning it (or ``None``) once the scorer is fitted, such as
+                :func:`eenet.runtime.overhead.policy_overhead`. Calibration and
+                evaluation then charge ``c_k + O_k``. ``None`` charges the
+                network's costs alone, as the published methods do.
             verbose: progress bar on stderr.
         """
         _check_exit_count(cache)
-        self.overhead = None if overhead is None else np.asarray(overhead, dtype=np.float64)
-        costs = self.costs_for(cache)
-        budget = check_budget(budget, costs, unit=cache.cost_unit)
+        budget = check_budget(budget, cache.costs, unit=cache.cost_unit)
         self.reference = {"n_exits": cache.n_exits, "n_classes": cache.n_classes,
                           "cost_unit": cache.cost_unit, "model": cache.model,
                           "dataset": cache.dataset, "costs": cache.costs.tolist(),
@@ -146,8 +144,16 @@ class ExitPolicy:
         self._fit_fingerprints = np.unique(sample_fingerprints(cache))
         self.provenance["fit_sample_ids"] = _ids(cache).tolist()
         self._calibrator = None
-        self.scorer.fit(cache, costs, budget, seed=self.seed, verbose=verbose)
-        self.rule = self.calibrator(cache).rule(budget)
+        self.overhead = None
+        if overhead is not None and not callable(overhead):
+            self.overhead = _check_overhead(overhead, cache.n_exits)
+        self.scorer.fit(cache, self.costs_for(cache), budget, seed=self.seed, verbose=verbose)
+        if callable(overhead):
+            measured = overhead(self, cache)
+            self.overhead = None if measured is None else _check_overhead(measured,
+                                                                          cache.n_exits)
+        self.rule = self.calibrator(cache).rule(check_budget(budget, self.costs_for(cache),
+                                                             unit=cache.cost_unit))
         return self
 
     def calibrator(self, cache: ExitCache) -> Calibrator:
@@ -221,8 +227,8 @@ class ExitPolicy:
                  f"{label}validation accuracy {self.rule.val_accuracy:.4f} at cost "
                  f"{self.rule.val_cost:.4g}"]
         if self.overhead is not None:
-            parts.append(f"policy overhead {float(np.sum(self.overhead[:-1])):.3g} {unit} "
-                         f"over {self.overhead.size - 1} decisions, included")
+            parts.append(f"policy's own cost {self.overhead[0]:.3g} to {self.overhead[-1]:.3g} "
+                         f"{unit} per sample, included")
         return "; ".join(parts)
 
     # ---- checks ----------------------------------------------------------------
@@ -329,6 +335,14 @@ class ExitPolicy:
             raise EenetError(f"{path}: not a readable policy file ({first}); it is corrupt or "
                              f"not made by `eenet fit`") from None
         return cls.from_state(state, source=str(path))
+
+
+def _check_overhead(overhead: Any, n_exits: int) -> np.ndarray:
+    arr = np.asarray(overhead, dtype=np.float64)
+    if arr.shape != (n_exits,) or not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise EenetError(f"overhead must be {n_exits} finite non-negative costs, one per exit, "
+                         f"got {arr.tolist()}")
+    return arr
 
 
 def _check_exit_count(cache: ExitCache) -> None:

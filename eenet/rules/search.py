@@ -64,6 +64,7 @@ class _Grid:
             self.bins_t[k] = np.searchsorted(grid, scores[:, k], side="right")
         self.closed = np.array([g.size - 1 for g in self.grids], dtype=np.int64)
         self._rows = np.arange(n)
+        self.correct_flat = self.correct_t.ravel()
 
     def index_of(self, thresholds: np.ndarray) -> np.ndarray:
         return np.array([int(np.searchsorted(g, t)) for g, t in
@@ -77,17 +78,20 @@ class _Grid:
 
     def _first_two(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each sample's first passing exit under ``g`` and the next one after it."""
-        passed = np.ones((self.k_exits, self.n), dtype=bool)  # the last exit takes everyone
-        np.greater(self.bins_t, g[:, None], out=passed[:-1])
-        first = np.argmax(passed, axis=0)
-        passed[first, self._rows] = False
-        second = np.argmax(passed, axis=0)  # only read where first < K-1, so it exists
+        last = self.k_exits - 1
+        first = np.full(self.n, last, dtype=np.intp)
+        second = first
+        for j in range(last - 1, -1, -1):  # last to first: the earliest pass wins
+            passed = self.bins_t[j] > g[j]
+            second = np.where(passed, first, second)
+            first = np.where(passed, j, first)
         return first, second
 
     def evaluate(self, g: np.ndarray) -> tuple[float, float]:
         """(correct count, total cost) of grid indices ``g``."""
         first, _ = self._first_two(g)
-        return float(self.correct_t[first, self._rows].sum()), float(self.costs[first].sum())
+        return (float(self.correct_flat[first * self.n + self._rows].sum()),
+                float(self.costs[first].sum()))
 
     def tables(self, g: np.ndarray, k: int,
                passes: tuple[np.ndarray, np.ndarray] | None = None
@@ -95,14 +99,15 @@ class _Grid:
         """Correct count and total cost for every candidate at exit k, the rest fixed."""
         first, second = self._first_two(g) if passes is None else passes
         without = np.where(first == k, second, first)  # exit of each sample with k closed
-        corr_wo = self.correct_t[without, self._rows]
+        flat = without * self.n + self._rows
+        corr_wo = self.correct_flat[flat]
         cost_wo = self.costs[without]
-        reach = first >= k
-        b = self.bins_t[k][reach]
+        reach = first >= k  # passes no earlier exit
         size = self.grids[k].size + 1
-        d_acc = np.bincount(b, weights=self.correct_t[k][reach] - corr_wo[reach],
+        d_acc = np.bincount(self.bins_t[k], weights=(self.correct_t[k] - corr_wo) * reach,
                             minlength=size)
-        d_cost = np.bincount(b, weights=self.costs[k] - cost_wo[reach], minlength=size)
+        d_cost = np.bincount(self.bins_t[k], weights=(self.costs[k] - cost_wo) * reach,
+                             minlength=size)
         # candidate index g admits the samples with bins > g: a suffix sum over bins
         gain_acc = d_acc.sum() - np.cumsum(d_acc)[:-1]
         gain_cost = d_cost.sum() - np.cumsum(d_cost)[:-1]

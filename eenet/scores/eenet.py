@@ -47,8 +47,9 @@ from torch import Tensor
 
 from eenet._validation import EenetError, check_choice, check_int, check_number, plain, seeded
 from eenet.cache import ExitCache
-from eenet.scores.eenet_heads import EENetHeads, TrainConfig, score_exit, train_heads
+from eenet.scores.eenet_heads import EENetHeads, TrainConfig, train_heads
 from eenet.scores.eenet_losses import SCORE_TARGETS
+from eenet.scores.eenet_stream import EENetStream, fold_scoring_heads
 from eenet.scores.features import (N_AGREEMENT_FEATURES, N_CONFIDENCE_FEATURES,
                                    advance_history, max_prob, new_history, one_minus_entropy,
                                    probabilities, top_probs)
@@ -101,13 +102,13 @@ class EENetConfig:
     hidden: int = 32
     depth: int = 1
     epochs: int = 200
-    lr: float = 1e-2
+    lr: float = 2e-2
     weight_decay: float = 1e-4
     alpha_ce: float = 1.0
     alpha_budget: float = 1.0
-    batch_size: int | None = 512
+    batch_size: int | None = 1024
     holdout: float = 0.2
-    patience: int = 10
+    patience: int = 5
     tol: float = 1e-3
     alternate: bool = False
     prob_features: Literal["auto", "full", "top"] = "auto"
@@ -176,7 +177,7 @@ class EENetScorer:
         self.config = EENetConfig(**hparams)
         self.diagnostics: dict[str, Any] = {}
         self._net: EENetHeads | None = None
-        self._weights: list[tuple[Tensor, ...]] | None = None
+        self._stream: EENetStream | None = None
         self._n_exits = self._n_classes = 0
         self._use_top = False
         self._rbar: np.ndarray | None = None
@@ -229,32 +230,32 @@ class EENetScorer:
     def start(self, batch: int, n_classes: int, device: torch.device | str = "cpu"
               ) -> dict[str, Tensor]:
         """A fresh state for ``batch`` samples: their history and earlier scores."""
-        self._require("start")
         if n_classes != self._n_classes:
             raise EenetError(f"the scorer was fitted on {self._n_classes} classes, got "
                              f"{n_classes}; fit a policy on a cache of this network")
-        state = self._history(batch, device)
-        state["q"] = torch.zeros(batch, max(self._n_exits - 1, 1), device=device)
-        return state
+        return self._stream_or_fail("start").start(batch, device)
 
     def score_exit(self, k: int, logits: Tensor, state: dict[str, Tensor]) -> Tensor:
-        """Exit k's score logit ``[batch]`` from its logits and the state of exits 0..k-1."""
-        weights = self._exit_weights(logits.device)[k]
-        x = self._features(k, logits, state)
-        if k > 0:
-            x = torch.cat([x, state["q"][:, :k]], dim=1)
-        q_logit = score_exit(weights, x)
-        if k + 1 < self._n_exits:
-            state["q"][:, k] = torch.sigmoid(q_logit)
-        return q_logit
+        """Exit k's score logit ``[batch]`` from its logits and the state of exits 0..k-1
+        (:class:`~eenet.scores.eenet_stream.EENetStream`)."""
+        return self._stream_or_fail("score").score_exit(k, logits, state)
 
-    def _exit_weights(self, device: torch.device) -> list[tuple[Tensor, ...]]:
-        weights = self._weights
-        if weights is None or weights[0][0].device != device:
-            net = self._require("score")
-            weights = [tuple(w.to(device) for w in ws) for ws in net.scoring_weights()]
-            self._weights = weights
-        return weights
+    def _stream_or_fail(self, step: str) -> EENetStream:
+        if self._stream is None:
+            net = self._require(step)
+            self._stream = EENetStream(
+                fold_scoring_heads(net, width=self.in_dim - self._extra_features,
+                                   n_classes=self._n_classes,
+                                   agreement=self.config.features == "agreement"),
+                n_exits=self._n_exits, n_classes=self._n_classes,
+                top_m=self.config.top_m if self._use_top else None,
+                agreement=self.config.features == "agreement")
+        return self._stream
+
+    @property
+    def _extra_features(self) -> int:
+        return N_CONFIDENCE_FEATURES + (N_AGREEMENT_FEATURES
+                                        if self.config.features == "agreement" else 0)
 
     def exit_distribution(self) -> np.ndarray | None:
         """Learned exit distribution ``rbar_k = mean_n r_n,k`` on the fit data (sums to 1)."""
@@ -281,7 +282,7 @@ class EENetScorer:
 
         cfg = self.config
         start = time.perf_counter()
-        self._net, self._weights, self._rbar, self.diagnostics = None, None, None, {}
+        self._net, self._stream, self._rbar, self.diagnostics = None, None, None, {}
         self._n_exits, self._n_classes = cache.n_exits, cache.n_classes
         self._use_top = cfg.prob_features == "top" or (
             cfg.prob_features == "auto" and cache.n_classes > FULL_PROBS_MAX_CLASSES)

@@ -6,7 +6,7 @@ and the (detached) scores of the earlier exits: the scoring head g_k gives the
 score logit, the assignment head h_k an unbounded assignment logit. The
 weights of all exits and of both kinds are stored stacked, so one batched
 matrix product serves every exit's static inputs during training; the
-runtime reads one exit's scoring head at a time (:meth:`EENetHeads.score_exit`).
+scoring reads one exit's scoring head at a time (:mod:`eenet.scores.eenet_stream`).
 """
 from __future__ import annotations
 
@@ -105,40 +105,6 @@ class EENetHeads(nn.Module):
         both = torch.stack(outputs, dim=1)  # [n, K, 2]
         return both[..., 0], both[..., 1]
 
-    def scoring_weights(self) -> list[tuple[Tensor, ...]]:
-        """Exit by exit, the scoring head alone, for :meth:`score_exit`.
-
-        Returns, per exit k: ``(w_first [in_dim + k, H1], b_first [H1], *hidden
-        (w, b) pairs, w_out [hidden], b_out [])`` with H1 = hidden (or 1 for a
-        linear head). Detached views of the parameters.
-        """
-        cols = slice(0, self.hidden) if self.depth > 0 else slice(0, 1)
-        weights = []
-        for k in range(self.n_exits):
-            w_first = torch.cat([self.in_w[k, :, cols], self.q_w[k, :k, cols]], dim=0)
-            parts: list[Tensor] = [w_first.detach(), self.in_b[k, cols].detach()]
-            for layer in range(max(self.depth - 1, 0)):
-                parts += [self.hid_w[k, 0, layer].detach(), self.hid_b[k, 0, layer].detach()]
-            if self.depth > 0:
-                parts += [self.out_w[k, 0].detach(), self.out_b[k, 0].detach()]
-            weights.append(tuple(parts))
-        return weights
-
-
-def score_exit(weights: tuple[Tensor, ...], x: Tensor) -> Tensor:
-    """One exit's score logit ``[batch]`` from ``x = [features, earlier scores]``.
-
-    ``weights`` is one entry of :meth:`EENetHeads.scoring_weights`; the result
-    equals the scoring output of :meth:`EENetHeads.forward` for that exit.
-    """
-    h = torch.addmm(weights[1], x, weights[0])  # [batch, H1]
-    if len(weights) == 2:  # a linear head
-        return h[:, 0]
-    h = torch.relu(h)
-    for i in range(2, len(weights) - 2, 2):
-        h = torch.relu(torch.addmm(weights[i + 1], h, weights[i]))
-    return torch.mv(h, weights[-2]) + weights[-1]
-
 
 # ---------------------------------------------------------------------------
 # training
@@ -148,12 +114,12 @@ class TrainConfig:
     """Optimisation settings of :func:`train_heads` (see ``EENetScorer`` for each)."""
 
     epochs: int = 200
-    lr: float = 1e-2
+    lr: float = 2e-2
     weight_decay: float = 1e-4
     alpha_ce: float = 1.0
     alpha_budget: float = 1.0
-    batch_size: int | None = 512
-    patience: int = 10
+    batch_size: int | None = 1024
+    patience: int = 5
     tol: float = 1e-3
     alternate: bool = False
     detach_weights: bool = True
