@@ -11,12 +11,13 @@ are trained per budget, in worker processes.
 """
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -100,27 +101,41 @@ def _row(label: str, budget: float, seed: int, test: EvalResult, val_accuracy: f
             "seed": int(seed)}
 
 
+def _unservable(label: str, budget: float, seed: int, test: ExitCache) -> dict[str, Any]:
+    """A row for a budget below the policy's cheapest exit (its own cost included)."""
+    return {**{c: math.nan for c in COLUMNS}, "method": label, "budget": float(budget),
+            "exit_fractions": "", "n_samples": test.n_samples, "seed": int(seed)}
+
+
 def _fixed_rows(val: ExitCache, test: ExitCache, spec: MethodSpec, budgets: np.ndarray,
-                seed: int) -> list[dict[str, Any]]:
+                seed: int, overhead: np.ndarray | None) -> list[dict[str, Any]]:
     """A scorer that learns nothing: score both caches once, calibrate once, every budget."""
     policy = ExitPolicy(spec.name, calibration=spec.calibration, seed=seed)
-    calibrator = policy.fit(val, float(budgets[0])).calibrator(val)  # kept from the fit
+    policy.fit(val, float(budgets[-1]), overhead=overhead)
+    calibrator = policy.calibrator(val)  # kept from the fit
+    cheapest, test_costs = float(policy.costs_for(val)[0]), policy.costs_for(test)
     test_scores = score_cache(policy.scorer, test)
     ids = np.arange(test.n_samples) if test.sample_ids is None else test.sample_ids
     rows = []
     for b in budgets:
+        if b < cheapest:
+            rows.append(_unservable(spec.label, b, seed, test))
+            continue
         rule = calibrator.rule(float(b))
         result = evaluate_exits(rule.exits(test_scores, ids), test, method=spec.label,
-                                budget=float(b))
+                                budget=float(b), costs=test_costs)
         rows.append(_row(spec.label, b, seed, result, rule.val_accuracy, rule.val_cost))
     return rows
 
 
 def _learned_row(val: ExitCache, test: ExitCache, spec: MethodSpec, budget: float, seed: int,
-                 hparams: dict[str, Any]) -> dict[str, Any]:
+                 hparams: dict[str, Any], overhead: np.ndarray | None) -> dict[str, Any]:
+    if overhead is not None and budget < val.costs[0] + overhead[0]:
+        return _unservable(spec.label, budget, seed, test)
     policy = ExitPolicy(spec.name, calibration=spec.calibration, seed=seed, **hparams)
-    policy.fit(val, budget)
-    result = evaluate_exits(policy.exits(test), test, method=spec.label, budget=budget)
+    policy.fit(val, budget, overhead=overhead)
+    result = evaluate_exits(policy.exits(test), test, method=spec.label, budget=budget,
+                            costs=policy.costs_for(test))
     return _row(spec.label, budget, seed, result, policy.val_accuracy, policy.val_cost)
 
 
@@ -135,14 +150,28 @@ def _oracle_rows(val: ExitCache, test: ExitCache, budgets: np.ndarray, seed: int
 
 
 def _task(val: ExitCache, test: ExitCache, task: tuple) -> list[dict[str, Any]]:
-    kind, spec, budgets, seed, hparams = task
+    kind, spec, budgets, seed, hparams, overhead = task
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the table reports every cell's outcome
         if kind == "oracle":
             return _oracle_rows(val, test, budgets, seed)
         if kind == "fixed":
-            return _fixed_rows(val, test, spec, budgets, seed)
-        return [_learned_row(val, test, spec, float(budgets[0]), seed, hparams)]
+            return _fixed_rows(val, test, spec, budgets, seed, overhead)
+        return [_learned_row(val, test, spec, float(budgets[0]), seed, hparams, overhead)]
+
+
+def _measure_overhead(val: ExitCache, spec: MethodSpec, budget: float,
+                      measure: Callable[[ExitPolicy, ExitCache], Any]) -> np.ndarray | None:
+    """The policy's own cost for ``spec``, measured once for the whole sweep.
+
+    It depends on the scorer's architecture, not on its weights, so a learned
+    scorer is trained for one epoch just to have weights to time.
+    """
+    quick = {"epochs": 1} if METHODS[spec.name].learned else {}
+    policy = ExitPolicy(spec.name, calibration=spec.calibration, **quick)
+    policy.scorer.fit(val, val.costs, budget)
+    measured = measure(policy, val)
+    return None if measured is None else np.asarray(measured, dtype=np.float64)
 
 
 _WORKER_CACHES: tuple[ExitCache, ExitCache] | None = None
@@ -181,7 +210,9 @@ def run_sweep(val: ExitCache, test: ExitCache, *, budgets: Sequence[float] | Non
               n_budgets: int = 12, methods: Sequence[str] | None = None,
               calibration: str | None = None, seeds: Sequence[int] = (0,),
               jobs: int | None = None, hparams: dict[str, Any] | None = None,
-              device: str = "cpu", verbose: bool = True) -> pd.DataFrame:
+              device: str = "cpu",
+              overhead: Callable[[ExitPolicy, ExitCache], Any] | None = None,
+              verbose: bool = True) -> pd.DataFrame:
     """Fit every method at every budget on ``val`` and evaluate it on ``test``.
 
     Args:
@@ -198,6 +229,10 @@ def run_sweep(val: ExitCache, test: ExitCache, *, budgets: Sequence[float] | Non
         jobs: worker processes (default: all cores; 1 = in-process).
         hparams: hyperparameters of the learned scorers.
         device: where learned scorers train (``"auto"``: CUDA when present).
+        overhead: ``f(policy, cache)`` measuring a policy's own cost per exit
+            (:func:`eenet.runtime.overhead.policy_overhead`): measured once per
+            method before the fits, then charged to it at every budget.
+            ``None`` charges the network's costs alone.
         verbose: progress bar on stderr.
 
     Returns:
@@ -227,14 +262,17 @@ def run_sweep(val: ExitCache, test: ExitCache, *, budgets: Sequence[float] | Non
         [check_budget(b, val.costs, unit=val.cost_unit) for b in budgets], dtype=float))
     tasks: list[tuple] = []
     for spec in specs:
+        own = None
+        if overhead is not None and spec.name != "oracle":
+            own = _measure_overhead(val, spec, float(budgets[0]), overhead)
         for seed in seeds:
             if spec.name == "oracle":
-                tasks.append(("oracle", spec, budgets, int(seed), None))
+                tasks.append(("oracle", spec, budgets, int(seed), None, None))
             elif METHODS[spec.name].learned:
                 tasks += [("learned", spec, np.array([b]), int(seed),
-                           {**(hparams or {}), "device": device}) for b in budgets]
+                           {**(hparams or {}), "device": device}, own) for b in budgets]
             else:
-                tasks.append(("fixed", spec, budgets, int(seed), None))
+                tasks.append(("fixed", spec, budgets, int(seed), None, own))
     tasks.sort(key=lambda t: t[0] != "learned")  # the slow cells first, so workers end together
     rows = _run(val, test, tasks, jobs, verbose)
     val_correct = val.correct()

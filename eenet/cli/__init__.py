@@ -139,8 +139,8 @@ def fmt_costs(costs: Any) -> str:
 
 class _Group(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        order = ["cache", "import", "info", "fit", "calibrate", "evaluate", "sweep",
-                 "quickstart"]
+        order = ["cache", "import", "info", "fit", "calibrate", "evaluate", "sweep", "run",
+                 "bench", "quickstart"]
         return [c for c in order if c in self.commands] + sorted(set(self.commands) - set(order))
 
 
@@ -183,4 +183,4 @@ def main(ctx: click.Context, seed: int, device: str, verbose: bool, quiet: bool,
 
 
 # The commands register themselves on `main` when their modules load.
-from eenet.cli import ingest, policy, sweep  # noqa: E402,F401
+from eenet.cli import ingest, policy, serve, sweep  # noqa: E402,F401

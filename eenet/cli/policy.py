@@ -16,6 +16,10 @@ METHOD_CHOICE = click.Choice(sorted({alias for m in METHODS.values() if m.deploy
                                      for alias in (m.name, *m.aliases)}), case_sensitive=False)
 CALIBRATION_CHOICE = click.Choice(["default", *CALIBRATIONS])
 _EENET_DEFAULTS = {f.name: f.default for f in fields(EENetConfig)}
+OVERHEAD_HELP = ("Charge each policy its own cost per exit (scoring, thresholds, bookkeeping), "
+                 "measured like the network's, so the budget fitted is the budget its runtime "
+                 "spends. auto: when the cache's costs were measured (latency or FLOPs), not "
+                 "when they were given.")
 
 
 def read_split(path: Path, holdout: float | None, seed: int, part: str):
@@ -51,6 +55,8 @@ def _eenet_option(name: str, kind: click.ParamType, text: str):
               help="Fit on a seeded stratified part of VAL, keeping this share for "
                    "`eenet evaluate --holdout`.")
 @click.option("--seed", type=int, default=None, help="Overrides the group's --seed.")
+@click.option("--overhead", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True, help=OVERHEAD_HELP)
 @_eenet_option("epochs", click.IntRange(1), "maximum training epochs")
 @_eenet_option("lr", click.FloatRange(0, min_open=True), "learning rate")
 @_eenet_option("hidden", click.IntRange(1), "hidden width of the heads")
@@ -60,9 +66,10 @@ def _eenet_option(name: str, kind: click.ParamType, text: str):
 @handle_errors
 def fit(ctx: click.Context, val: Path, budget: float, out: Path, method: str,
         calibration: str, no_guard: bool, holdout: float | None, seed: int | None,
-        **hparams: float) -> None:
+        overhead: str, **hparams: float) -> None:
     """Fit an exit policy on a validation cache and calibrate it to the budget."""
     from eenet.policy import ExitPolicy
+    from eenet.runtime.overhead import choose_overhead
     from eenet.scores import get_method
 
     check_out_dir(out)
@@ -76,7 +83,8 @@ def fit(ctx: click.Context, val: Path, budget: float, out: Path, method: str,
     policy = ExitPolicy(method, calibration=None if calibration == "default" else calibration,
                         guard=not no_guard, seed=seed, device=ctx.obj["device"],
                         **(changed if learned else {}))
-    policy.fit(cache, budget, verbose=ctx.obj["progress"])
+    policy.fit(cache, budget, overhead=choose_overhead(overhead, cache),
+               verbose=ctx.obj["progress"])
     policy.provenance.update(holdout=holdout, fit_cache=str(val.resolve()))
     policy.save(out)
     click.echo(f"wrote {out}: {policy.describe()}")

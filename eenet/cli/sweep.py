@@ -7,7 +7,7 @@ import click
 
 from eenet.cli import (DEFAULT_CACHE_DIR, check_out_dir, handle_errors, main, parse_floats,
                        parse_names)
-from eenet.cli.policy import CALIBRATION_CHOICE, read_split
+from eenet.cli.policy import CALIBRATION_CHOICE, OVERHEAD_HELP, read_split
 from eenet.sweep import DEFAULT_METHODS
 
 
@@ -30,6 +30,8 @@ from eenet.sweep import DEFAULT_METHODS
               help="With a single cache: hold out this share (seeded, stratified) as test.")
 @click.option("--jobs", type=click.IntRange(1), default=None,
               help="Parallel fits (default: the number of cores).")
+@click.option("--overhead", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True, help=OVERHEAD_HELP)
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Also draw accuracy vs cost to this PNG.")
@@ -37,12 +39,13 @@ from eenet.sweep import DEFAULT_METHODS
 @handle_errors
 def sweep(ctx: click.Context, val: Path, test: Path | None, budgets: str | None,
           n_budgets: int, methods: str, calibration: str, seeds: int, holdout: float | None,
-          jobs: int | None, out: Path, plot: Path | None) -> None:
+          jobs: int | None, overhead: str, out: Path, plot: Path | None) -> None:
     """Many budgets x many methods: an accuracy-vs-cost CSV, a plot and a summary table."""
     import contextlib
 
     from eenet._validation import atomic_output
     from eenet.report import format_summary, plot_sweep
+    from eenet.runtime.overhead import choose_overhead
     from eenet.sweep import run_sweep
 
     check_out_dir(out)
@@ -59,7 +62,8 @@ def sweep(ctx: click.Context, val: Path, test: Path | None, budgets: str | None,
                       n_budgets=n_budgets, methods=parse_names(methods),
                       calibration=None if calibration == "default" else calibration,
                       seeds=[seed + i for i in range(seeds)], jobs=jobs,
-                      device=ctx.obj["device"], verbose=ctx.obj["progress"])
+                      device=ctx.obj["device"], overhead=choose_overhead(overhead, val_cache),
+                      verbose=ctx.obj["progress"])
     # both files appear together or not at all
     with contextlib.ExitStack() as stack:
         csv_tmp = stack.enter_context(atomic_output(out))

@@ -32,7 +32,7 @@ from eenet.policy import ExitPolicy
 from eenet.rules import Thresholds
 from eenet.runtime.model import EarlyExitModel
 
-__all__ = ["policy_overhead"]
+__all__ = ["choose_overhead", "policy_overhead"]
 
 
 class _FixedHead(nn.Module):
@@ -113,3 +113,15 @@ def _cache_device(cache: ExitCache) -> str:
     if measured_on.startswith("cuda") and not torch.cuda.is_available():
         return "cpu"
     return measured_on if measured_on.startswith(("cpu", "cuda")) else "cpu"
+
+
+def choose_overhead(mode: str, cache: ExitCache):
+    """What ``--overhead auto|on|off`` means for ``cache``: :func:`policy_overhead` or None.
+
+    ``auto`` counts the policy's own cost when the cache's costs were measured
+    (latency or FLOPs: the policy's cost can be measured the same way) and not
+    when they were given (their unit and machine are unknown here).
+    """
+    if mode == "off" or (mode == "auto" and cache.cost_source not in ("measured", "flops")):
+        return None
+    return policy_overhead

@@ -1,0 +1,250 @@
+"""Serve a policy over a dataset split and measure the latency it really delivers.
+
+:func:`serve` runs an :class:`~eenet.runtime.model.EarlyExitModel` over a
+dataset (``eenet run``); :func:`bench_policy` times it (``eenet bench``): the
+realized mean latency per sample at batch 1 (one thread on CPU, as the cache's
+costs are measured) and at a serving batch size, the throughput, next to the
+full network run the same way and to the policy's simulated cost (the cached
+costs plus the policy's own, at the exits the runtime took). Inputs are
+moved to the device before the clock starts, so data loading is not timed;
+on CUDA the clock is a pair of CUDA events around the run.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from eenet._validation import EenetError, resolve_device
+from eenet.ingest.forward import to_device
+from eenet.runtime.model import EarlyExitModel, EarlyExitOutput
+
+__all__ = ["BenchResult", "ServedSplit", "bench_policy", "serve"]
+
+
+@dataclass(frozen=True)
+class ServedSplit:
+    """Per-sample results of serving a split, in dataset order.
+
+    Attributes:
+        prediction, exit: int64 [n_samples].
+        score: float64 [n_samples] (NaN at the last exit).
+        label: int64 [n_samples] (-1 where the dataset gives none).
+    """
+
+    prediction: np.ndarray
+    exit: np.ndarray
+    score: np.ndarray
+    label: np.ndarray
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.exit.size)
+
+
+def _inputs(dataset: Any, limit: int | None, batch_size: int) -> Iterator[tuple[Any, Any]]:
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    seen = 0
+    for x, y in loader:
+        if limit is not None and seen >= limit:
+            return
+        if limit is not None and seen + len(y) > limit:
+            keep = limit - seen
+            x = x[:keep] if isinstance(x, torch.Tensor) else x
+            y = y[:keep]
+        seen += len(y)
+        yield x, y
+
+
+def serve(served: EarlyExitModel, dataset: Any, *, batch_size: int = 256,
+          device: str = "cpu", limit: int | None = None, verbose: bool = False) -> ServedSplit:
+    """Run ``served`` over ``dataset`` in order; samples are numbered from 0 (their ids).
+
+    Args:
+        served: the early-exit model.
+        dataset: (input, label) pairs.
+        batch_size: samples per forward.
+        device: where to run.
+        limit: serve only the first ``limit`` samples.
+        verbose: progress bar on stderr.
+    """
+    dev = resolve_device(device)
+    served.to(dev)
+    outs: list[EarlyExitOutput] = []
+    labels: list[np.ndarray] = []
+    start = 0
+    bar = tqdm(desc="serving", unit="sample", disable=not verbose)
+    for x, y in _inputs(dataset, limit, batch_size):
+        n = len(y)
+        ids = torch.arange(start, start + n)
+        outs.append(served(to_device(x, dev, non_blocking=dev.type == "cuda"), ids))
+        labels.append(np.asarray(y, dtype=np.int64))
+        start += n
+        bar.update(n)
+    bar.close()
+    if not outs:
+        raise EenetError("the dataset yielded no samples")
+    return ServedSplit(prediction=torch.cat([o.prediction for o in outs]).cpu().numpy(),
+                       exit=torch.cat([o.exit for o in outs]).cpu().numpy(),
+                       score=torch.cat([o.score for o in outs]).cpu().numpy(),
+                       label=np.concatenate(labels))
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """What ``eenet bench`` measures (times in ms per sample).
+
+    Attributes:
+        method, budget, cost_unit: the policy's.
+        n_samples: samples timed at the serving batch size (batch 1 times
+            the first ``n_batch1`` of them).
+        batch_size, device, threads: how it ran.
+        latency_ms_batch1: realized mean latency per sample at batch 1.
+        latency_ms_batchB: realized time per sample at ``batch_size``.
+        throughput: samples per second at ``batch_size``.
+        full_ms_batch1, full_ms_batchB, full_throughput: the whole network, run the same way.
+        simulated_cost: the policy's cost at the exits taken: the cached costs
+            plus its own (when it counts it), averaged over the samples.
+        exit_fractions: share of samples leaving at each exit.
+        accuracy: at the exits taken (NaN without labels).
+    """
+
+    method: str
+    budget: float
+    cost_unit: str
+    n_samples: int
+    n_batch1: int
+    batch_size: int
+    device: str
+    threads: int
+    latency_ms_batch1: float
+    latency_ms_batchB: float
+    throughput: float
+    full_ms_batch1: float
+    full_ms_batchB: float
+    full_throughput: float
+    simulated_cost: float
+    exit_fractions: tuple[float, ...]
+    accuracy: float
+
+    def to_row(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["exit_fractions"] = ";".join(f"{f:.4f}" for f in self.exit_fractions)
+        return row
+
+    def format_table(self) -> str:
+        ratio = self.latency_ms_batch1 / self.budget if self.budget else math.nan
+        return "\n".join([
+            f"method {self.method}   budget {self.budget:.4g} {self.cost_unit}   device "
+            f"{self.device}   {self.n_samples} samples",
+            f"{'':24}{'early exit':>12}{'full model':>12}{'speed-up':>10}",
+            f"{'batch 1, ms/sample':24}{self.latency_ms_batch1:>12.4f}"
+            f"{self.full_ms_batch1:>12.4f}{self.full_ms_batch1 / self.latency_ms_batch1:>10.2f}",
+            f"{f'batch {self.batch_size}, ms/sample':24}{self.latency_ms_batchB:>12.4f}"
+            f"{self.full_ms_batchB:>12.4f}{self.full_ms_batchB / self.latency_ms_batchB:>10.2f}",
+            f"{f'batch {self.batch_size}, samples/s':24}{self.throughput:>12.0f}"
+            f"{self.full_throughput:>12.0f}",
+            f"realized batch-1 latency / budget {ratio:.3f}   simulated cost "
+            f"{self.simulated_cost:.4g} {self.cost_unit}   accuracy {self.accuracy:.4f}",
+            "exit fractions " + " ".join(f"{f:.3f}" for f in self.exit_fractions)])
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _clock(run: Callable[[], None], device: torch.device) -> float:
+    """Seconds one call of ``run`` takes (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        begin.record()
+        run()
+        end.record()
+        torch.cuda.synchronize(device)
+        return begin.elapsed_time(end) / 1e3
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def bench_policy(served: EarlyExitModel, dataset: Any, *, batch_size: int = 256,
+                 device: str = "cpu", limit: int | None = None, n_batch1: int = 1000,
+                 repeats: int = 3, verbose: bool = False) -> BenchResult:
+    """Time a served policy against the full network on a dataset split.
+
+    Args:
+        served: the early-exit model (its ``model`` is the full network).
+        dataset: (input, label) pairs.
+        batch_size: the serving batch size.
+        device: where to run.
+        limit: use only the first ``limit`` samples.
+        n_batch1: samples timed one at a time (the first of the split).
+        repeats: passes over the data per measurement; the fastest counts
+            (the one least disturbed by the rest of the machine).
+        verbose: progress on stderr.
+    """
+    dev = resolve_device(device)
+    served.to(dev)
+    batches = [(to_device(x, dev), y) for x, y in _inputs(dataset, limit, batch_size)]
+    if not batches:
+        raise EenetError("the dataset yielded no samples")
+    n = sum(len(y) for _, y in batches)
+    singles = [(to_device(x, dev), y) for x, y in _inputs(dataset, min(n_batch1, n), 1)]
+    full: nn.Module = served.model
+    policy = served.policy
+    one = 1 if dev.type == "cpu" else None
+
+    def over(items: list, fn: Callable[[Any], Any]) -> Callable[[], None]:
+        def run() -> None:
+            for x, _ in items:
+                fn(x)
+        return run
+
+    def best(items: list, fn: Callable[[Any], Any], threads: int | None) -> float:
+        with _threads(threads), torch.inference_mode():
+            over(items[:2], fn)()  # warm-up
+            return min(_clock(over(items, fn), dev) for _ in range(repeats))
+
+    def early(x: Any) -> Any:
+        return served(x)
+
+    t_b1 = best(singles, early, one)
+    t_full1 = best(singles, full, one)
+    t_bb = best(batches, early, None)
+    t_fullb = best(batches, full, None)
+    result = serve(served, dataset, batch_size=batch_size, device=str(dev), limit=limit,
+                   verbose=verbose)
+    costs = np.asarray(policy.reference["costs"], dtype=np.float64)  # type: ignore[index]
+    if policy.overhead is not None:
+        costs = costs + policy.overhead
+    labelled = result.label >= 0
+    accuracy = float((result.prediction == result.label)[labelled].mean()) \
+        if labelled.any() else math.nan
+    k_exits = served.n_exits
+    return BenchResult(
+        method=policy.method.name, budget=float(policy.budget or math.nan),
+        cost_unit=str(policy.reference["cost_unit"]), n_samples=n,  # type: ignore[index]
+        n_batch1=len(singles), batch_size=batch_size, device=str(dev),
+        threads=torch.get_num_threads(), latency_ms_batch1=t_b1 * 1e3 / len(singles),
+        latency_ms_batchB=t_bb * 1e3 / n, throughput=n / t_bb,
+        full_ms_batch1=t_full1 * 1e3 / len(singles), full_ms_batchB=t_fullb * 1e3 / n,
+        full_throughput=n / t_fullb, simulated_cost=float(costs[result.exit].mean()),
+        exit_fractions=tuple(float(f) for f in np.bincount(result.exit, minlength=k_exits)
+                             / result.n_samples),
+        accuracy=accuracy)
