@@ -505,6 +505,11 @@ def _costs(job: _Job) -> ChosenCosts:
         return costs_from_cache(o.costs_from, job.n_exits, model=job.model_spec)
     kind, given = parse_cost_spec(o.costs)
     timing = o.timing if o.timing is not None else kind == "measured"
+    if given is not None and not timing:  # nothing to measure: the run is one forward pass
+        if given.size != job.n_exits:
+            raise EenetError(f"costs has {given.size} values but the model has "
+                             f"{job.n_exits} exits; give one cumulative cost per exit")
+        return ChosenCosts(given, o.cost_unit, "given")
     report = measure_costs(job.model, job.example, device=job.device,
                            batch_size=o.batch_size, repeats=o.repeats,
                            min_run_time=o.min_run_time, exit_modules=o.exit_modules,
@@ -515,7 +520,7 @@ def _costs(job: _Job) -> ChosenCosts:
 def _attrs(job: _Job, costs: ChosenCosts, ctx: DistContext | None) -> dict[str, Any]:
     o = job.opts
     attrs = {"device": str(job.device), "seed": o.seed, "batch_size": o.batch_size,
-             "torch_version": str(torch.__version__),
+             "num_threads": torch.get_num_threads(), "torch_version": str(torch.__version__),
              "weights": "" if o.weights is None else str(o.weights),
              "autocast": bool(o.autocast), **costs.attrs}
     if ctx is not None:
@@ -611,9 +616,9 @@ def _write_pending(job: _Job, run: PartialRun, chunks: Sequence[int]) -> None:
     pending = [c for c in chunks if c not in done]
     logger.info("resumable run: %d of %d chunks done, %d to compute", len(done), len(chunks),
                 len(pending))
-    sink = ChunkDirWriter(run, chunk_rows=job.chunk_rows, n_exits=job.n_exits,
-                          n_classes=job.n_classes, dtype=job.opts.dtype, n_rows=job.n_rows)
-    _stream(job, sink, chunks=pending)
+    with ChunkDirWriter(run, chunk_rows=job.chunk_rows, n_exits=job.n_exits,
+                        n_classes=job.n_classes, dtype=job.opts.dtype) as sink:
+        _stream(job, sink, chunks=pending)
 
 
 def _write_pending_iterable(job: _Job, run: PartialRun) -> int:
@@ -622,10 +627,9 @@ def _write_pending_iterable(job: _Job, run: PartialRun) -> int:
     while (chunk := run.read_chunk(n)) is not None and chunk[1].size == job.chunk_rows:
         n += 1
     if run.read_chunk(n) is None:  # no short last chunk: the stream had not ended
-        sink = ChunkDirWriter(run, chunk_rows=job.chunk_rows, n_exits=job.n_exits,
-                              n_classes=job.n_classes, dtype=job.opts.dtype)
-        _stream(job, sink, skip=n * job.chunk_rows)
-        sink.close()
+        with ChunkDirWriter(run, chunk_rows=job.chunk_rows, n_exits=job.n_exits,
+                            n_classes=job.n_classes, dtype=job.opts.dtype) as sink:
+            _stream(job, sink, skip=n * job.chunk_rows)
     count = 0
     while run.read_chunk(count) is not None:
         count += 1

@@ -70,7 +70,7 @@ class BackgroundWriter:
         6
     """
 
-    def __init__(self, sink: Any, depth: int = 4) -> None:
+    def __init__(self, sink: Any, depth: int = 2) -> None:
         self.sink = sink
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
@@ -255,33 +255,24 @@ class PartialRun:
 class ChunkDirWriter:
     """A sink that stores each completed chunk as a file of a :class:`PartialRun`.
 
-    Batches must arrive in row order within each chunk; rows of a chunk are
-    gathered until the chunk is whole (``chunk_rows`` rows, fewer for the
-    last chunk of ``n_rows``), then compressed and saved.
+    Batches must arrive in row order, whole chunks at a time (``chunk_rows``
+    rows; only the split's last chunk may be short); each chunk is compressed
+    and saved once complete. Use as a context manager around the stream.
 
     Args:
         run: the partial run to write into.
         chunk_rows, n_exits, n_classes, dtype, compression: the cache's chunk layout.
-        n_rows: rows of the whole split, if known (fixes the last chunk's size).
     """
 
     def __init__(self, run: PartialRun, *, chunk_rows: int, n_exits: int, n_classes: int,
-                 dtype: Any, compression: str | None = "gzip",
-                 n_rows: int | None = None) -> None:
-        self.run, self.chunk_rows, self.n_rows = run, chunk_rows, n_rows
+                 dtype: Any, compression: str | None = "gzip") -> None:
+        self.run, self.chunk_rows = run, chunk_rows
         self.buffer = ChunkBuffer(chunk_rows, n_exits, n_classes, dtype, compression,
                                   where=f"{run.out}: ")
-        self._chunk: int | None = None
 
     def write(self, logits: np.ndarray, labels: np.ndarray, sample_ids: np.ndarray) -> None:
-        ids = np.asarray(sample_ids, dtype=np.int64)
-        if self._chunk is None:
-            self._chunk = int(ids[0]) // self.chunk_rows
-        for data, lab, chunk_ids in self.buffer.add(logits, labels, ids):
-            self._save(data, lab, chunk_ids)
-        if self.n_rows is not None and self.buffer.filled and \
-                int(ids[-1]) == self.n_rows - 1:
-            self.close()  # the split's last, short chunk
+        for chunk in self.buffer.add(logits, labels, np.asarray(sample_ids, dtype=np.int64)):
+            self._save(*chunk)
 
     def _save(self, data: bytes, labels: np.ndarray, ids: np.ndarray) -> None:
         index = int(ids[0]) // self.chunk_rows
@@ -289,10 +280,23 @@ class ChunkDirWriter:
             raise EenetError(f"rows {ids[0]}..{ids[-1]} do not form chunk {index}; resumable "
                              f"runs need the dataset's rows in order")
         self.run.write_chunk(index, data, labels, ids)
-        self._chunk = None
 
-    def close(self) -> None:
-        """Save a last, short chunk (for datasets of unknown length)."""
-        last = self.buffer.flush()
-        if last is not None:
-            self._save(*last)
+    def close(self, complete_only: bool = False) -> None:
+        """Save every chunk still being compressed, and the rows gathered after them as a
+        last, short chunk unless ``complete_only`` (a run that stopped part-way)."""
+        for chunk in self.buffer.finish(partial=not complete_only):
+            self._save(*chunk)
+
+    def __enter__(self) -> "ChunkDirWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        """Save what is complete: everything after a whole stream, whole chunks otherwise."""
+        if exc_type is None:
+            self.close()
+        else:
+            try:
+                self.close(complete_only=True)
+            except Exception:  # the stream's own error is the one to report
+                pass
+        return False
