@@ -76,7 +76,9 @@ def fit(val, out, *extra, budget=1.8):
 
 class TestChain:
     @pytest.mark.parametrize("method, extra, perfect", [
-        ("eenet", EENET_FAST, True),
+        ("eenet", [*EENET_FAST, "--calibration", "search"], True),
+        ("eenet", EENET_FAST, False),  # its default calibration
+        ("eenet-paper", ["--epochs", "30"], False),
         ("maxprob", ["--calibration", "search"], True),
         ("MSDNet", ["--calibration", "search", "--no-guard"], True),
         ("entropy", ["--calibration", "search"], True),
