@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eenet._validation import EenetError
 from eenet.cache import read_cache
 from eenet.ingest.distributed import ShardSampler, remove_stale_shards, shard_chunks
 from eenet.ingest.model import cache_model
@@ -63,6 +64,26 @@ class TestShards:
         messages = " ".join(str(w.message) for w in record)
         assert "was left by a run on host other-node" in messages and "killed" in messages
         assert live.exists() and remote.exists() and not mine.exists()
+
+
+    def test_a_single_process_run_cleans_up_too(self, tmp_path):
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout.strip()
+        left = tmp_path / f".w.h5.eenet-shard.{socket.gethostname()}.{dead}.0-of-2"
+        left.write_bytes(b"x")
+        with pytest.warns(UserWarning, match="left by an earlier distributed run"):
+            cache_model("_toy_models:wide", "_toy_models:wide_data", tmp_path / "w.h5",
+                        costs=[1, 2, 3], limit=20, device="cpu", verbose=False)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["w.h5"]
+
+    def test_distributed_needs_torchrun(self, tmp_path, monkeypatch):
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            monkeypatch.delenv(name, raising=False)
+        with pytest.raises(EenetError, match="--distributed needs the variable RANK that "
+                                             "torchrun sets; launch with torchrun"):
+            cache_model("_toy_models:wide", "_toy_models:wide_data", tmp_path / "w.h5",
+                        costs=[1, 2, 3], distributed=True, device="cpu", verbose=False)
+        assert list(tmp_path.iterdir()) == []
 
 
 class TestTorchrun:

@@ -387,6 +387,16 @@ class TestCacheModel:
         assert set(cache.extra_costs) == {"latency_ms_batch1", "latency_ms_batchB", "flops"}
         assert cache.attrs["timing"] == "stages" and cache.cost_source == "given"
 
+    def test_iterable_dataset_with_limit(self, out_dir):
+        stream = read_cache(cache_model("_toy_models:wide", "_toy_models:wide_stream",
+                                        out_dir / "s.h5", costs=[1, 2, 3], limit=100,
+                                        batch_size=16, device="cpu", verbose=False))
+        mapped = read_cache(cache_model(*WIDE, out_dir / "m.h5", costs=[1, 2, 3], limit=100,
+                                        batch_size=16, device="cpu", verbose=False))
+        assert stream.n_samples == 100
+        np.testing.assert_array_equal(stream.logits, mapped.logits)
+        np.testing.assert_array_equal(stream.sample_ids, np.arange(100))
+
     def test_torchscript_without_stages_caches_flops(self, data_npz, out_dir, tmp_path):
         _script(toy.hooked()).save(str(tmp_path / "m.ts"))
         cache = read_cache(cache_model(str(tmp_path / "m.ts"), str(data_npz),

@@ -229,7 +229,7 @@ def _pid_gone(pid: int) -> bool:
     return False
 
 
-def remove_stale_shards(out: str | os.PathLike, keep: str = "") -> list[Path]:
+def remove_stale_shards(out: str | os.PathLike) -> list[Path]:
     """Delete shard files that killed distributed runs left next to ``out``.
 
     A shard is named ``.NAME.eenet-shard.HOST.PID.R-of-P`` after rank 0's host
@@ -241,7 +241,7 @@ def remove_stale_shards(out: str | os.PathLike, keep: str = "") -> list[Path]:
     for path in out.parent.glob(f".{out.name}.{_SHARD_TAG}.*"):
         tag = path.name[len(f".{out.name}.{_SHARD_TAG}."):].rsplit(".", 1)[0]
         host, _, pid = tag.rpartition(".")
-        if tag == keep or not pid.isdigit():
+        if not pid.isdigit():
             continue
         if host != socket.gethostname():
             warnings.warn(f"{path} was left by a run on host {host}; delete it if no run "
@@ -272,8 +272,6 @@ def run_sharded(ctx: DistContext, out: Path, n_chunks: int,
             every rank, with nothing at ``out``.
     """
     tag = broadcast_object(ctx, f"{socket.gethostname()}.{os.getpid()}")
-    if ctx.rank == 0:
-        remove_stale_shards(out, keep=tag)
     paths = [_shard_path(out, tag, r, ctx.world_size) for r in range(ctx.world_size)]
     mine = shard_chunks(n_chunks, ctx.rank, ctx.world_size)
     try:

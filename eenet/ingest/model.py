@@ -46,7 +46,7 @@ from eenet.ingest.costs import (ChosenCosts, choose_costs, costs_from_cache, mea
                                 parse_cost_spec)
 from eenet.ingest.data import check_item, dataset_split, load_dataset
 from eenet.ingest.distributed import (DistContext, ShardSampler, distributed_context,
-                                      process_group, run_sharded, step)
+                                      process_group, remove_stale_shards, run_sharded, step)
 from eenet.ingest.forward import (autocast as autocast_ctx, exit_logits, forward, labels_of,
                                   select_rows, to_device)
 from eenet.ingest.resolve import call_factory, describe, first_line, import_object
@@ -653,7 +653,7 @@ def _assemble(job: _Job, run: PartialRun, out: Path, n_chunks: int, costs: Chose
 def _run_resumable(job: _Job, out: Path) -> None:
     run = PartialRun(out)
     costs = _partial_costs(job, run)
-    if job.n_rows is None:
+    if isinstance(job.dataset, IterableDataset):
         n_chunks = _write_pending_iterable(job, run)
     else:
         n_chunks = job.n_chunks
@@ -662,9 +662,10 @@ def _run_resumable(job: _Job, out: Path) -> None:
 
 
 def _run_distributed(job: _Job, out: Path, ctx: DistContext) -> None:
-    if job.n_rows is None:
-        raise EenetError("distributed caching needs a map-style dataset (with __len__) or "
-                         "--limit; an iterable dataset cannot be split between ranks")
+    if isinstance(job.dataset, IterableDataset):
+        raise EenetError("distributed caching needs a map-style dataset (with __len__ and "
+                         "__getitem__); an iterable dataset cannot be split between ranks, "
+                         "so run it in one process")
     if job.opts.resume:
         run = PartialRun(out)
         costs = step(ctx, lambda: _partial_costs(job, run), "settling the costs", ranks=[0])
@@ -732,9 +733,11 @@ def cache_model(model_spec: str, data_spec: str, out: str | os.PathLike,
     ctx = distributed_context(opts.distributed, opts.device)
     dev = ctx.device if ctx is not None else resolve_device(opts.device)
     partial = PartialRun(out)
-    if not opts.resume and partial.exists() and (ctx is None or ctx.rank == 0):
-        warnings.warn(f"{partial.dir} holds an interrupted run; continue it with --resume "
-                      f"or delete it", stacklevel=2)
+    if ctx is None or ctx.rank == 0:
+        remove_stale_shards(out)
+        if not opts.resume and partial.exists():
+            warnings.warn(f"{partial.dir} holds an interrupted run; continue it with "
+                          f"--resume or delete it", stacklevel=2)
     with seeded(opts.seed, dev):
         if ctx is not None:
             with process_group(ctx):
