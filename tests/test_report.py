@@ -102,6 +102,13 @@ class TestFormatSummary:
         del cells[("entropy", 3.0, 0)]
         assert _body(format_summary(make_table(cells)))[3.0]["entropy"] == "-"
         assert format_summary(make_table({})) == "(no policies in the table)"
+        # a cell the sweep could not serve (NaN) shows as '-' and takes no part in the ties
+        table = make_table({("eenet", 1.0, 0): 0.7, ("maxprob", 1.0, 0): math.nan,
+                            ("maxprob", 2.0, 0): 0.8})
+        table.loc[table["accuracy"].isna(), "avg_cost"] = math.nan
+        text = format_summary(table)
+        assert _body(text)[1.0] == {"eenet": "70.00*", "maxprob": "-"}
+        assert text.splitlines()[-1].split()[2:] == ["0.990", "0.990"]
 
 
 class TestTieMargin:
@@ -147,6 +154,19 @@ class TestBudgetGaps:
         gaps = budget_gaps(make_table({("eenet-paper", 2.0, 0): 0.8, ("maxprob", 2.0, 0): 0.7,
                                        ("oracle", 2.0, 0): 0.9}), learned="eenet-paper")
         assert gaps["gain"].tolist() == pytest.approx([0.1])
+
+
+    @pytest.mark.xfail(strict=True, reason="budget_gaps raises pandas' 'Encountered all NA "
+                       "values' when no baseline has a value at some budget (a cell a policy "
+                       "cannot serve is NaN in a sweep)")
+    def test_a_budget_without_any_baseline_value(self):
+        cells = {("eenet", 1.0, 0): 0.70, ("maxprob", 1.0, 0): math.nan,
+                 ("oracle", 1.0, 0): 0.80,
+                 ("eenet", 2.0, 0): 0.80, ("maxprob", 2.0, 0): 0.78, ("oracle", 2.0, 0): 0.90}
+        gaps = budget_gaps(make_table(cells))
+        assert gaps["budget"].tolist() == [1.0, 2.0]
+        assert math.isnan(gaps["gain"][0]) and math.isnan(gaps["best_baseline"][0])
+        assert gaps["gain"][1] == pytest.approx(0.02)
 
 
 class TestPlotSweep:
