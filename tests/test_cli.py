@@ -314,6 +314,13 @@ class TestErrors:
         (tmp_path / "bad.pt").write_bytes(b"garbage" * 50)
         res = run("evaluate", tmp_path / "bad.pt", caches[1])
         assert res.exit_code == 1 and "not a readable policy file" in one_error_line(res)
+        fit(caches[0], tmp_path / "whole.pt", "--method", "maxprob")
+        (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:2000])
+        res = run("evaluate", tmp_path / "cut.pt", caches[1])
+        line = one_error_line(res)  # whole, not cut mid-word
+        assert res.exit_code == 1 and line.startswith(f"Error: {tmp_path / 'cut.pt'}: not a "
+                                                      f"readable policy file (")
+        assert line.endswith("); it is corrupt or not made by `eenet fit`")
         torch.save({"hello": 1}, tmp_path / "foreign.pt")
         res = run("evaluate", tmp_path / "foreign.pt", caches[1])
         assert res.exit_code == 1 and "not an eenet policy file" in one_error_line(res)
