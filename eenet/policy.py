@@ -16,6 +16,7 @@ really spends (:meth:`ExitPolicy.costs_for`).
 from __future__ import annotations
 
 import copy
+import math
 import os
 import warnings
 from pathlib import Path
@@ -27,8 +28,9 @@ import torch
 from eenet import __version__
 from eenet._validation import EenetError, atomic_output, check_budget, check_choice
 from eenet.cache import ExitCache
-from eenet.evaluate import EvalResult, evaluate_exits
+from eenet.evaluate import EvalResult, evaluate_exits, risk_table
 from eenet.rules import Calibrator, Thresholds
+from eenet.rules.certified import Guarantee, certified_rule
 from eenet.scores import Method, get_method, score_cache, scorer_from_state
 
 __all__ = ["ExitPolicy", "POLICY_FORMAT", "POLICY_VERSION", "sample_fingerprints"]
@@ -119,8 +121,9 @@ class ExitPolicy:
         return cache.costs if self.overhead is None else cache.costs + self.overhead
 
     # ---- fitting ---------------------------------------------------------------
-    def fit(self, cache: ExitCache, budget: float, *,
+    def fit(self, cache: ExitCache, budget: float | None, *,
             overhead: np.ndarray | Callable[["ExitPolicy", ExitCache], Any] | None = None,
+            guarantee: Guarantee | None = None, certify_fraction: float = 0.5,
             verbose: bool = False) -> "ExitPolicy":
         """Fit the scorer on ``cache`` and calibrate the rule for ``budget``; returns self.
 
@@ -133,28 +136,62 @@ class ExitPolicy:
                 :func:`eenet.runtime.overhead.policy_overhead`. Calibration and
                 evaluation then charge ``c_k + O_k``. ``None`` charges the
                 network's costs alone, as the published methods do.
+            guarantee: certify the budget with confidence and/or bound a risk
+                (:mod:`eenet.rules.certified`): the scorer and the family of
+                rules are fitted on a seeded stratified part of ``cache``, and
+                the rest (``certify_fraction`` of it) certifies the choice.
+                ``budget`` may be ``None`` for risk control alone.
+            certify_fraction: the share of ``cache`` kept for certification.
             verbose: progress bar on stderr.
         """
         _check_exit_count(cache)
-        budget = check_budget(budget, cache.costs, unit=cache.cost_unit)
+        if budget is not None:
+            budget = check_budget(budget, cache.costs, unit=cache.cost_unit)
+        elif guarantee is None or guarantee.confidence is not None:
+            raise EenetError("fit needs a budget (or a risk guarantee alone)")
         self.reference = {"n_exits": cache.n_exits, "n_classes": cache.n_classes,
                           "cost_unit": cache.cost_unit, "model": cache.model,
                           "dataset": cache.dataset, "costs": cache.costs.tolist(),
                           "cost_source": cache.cost_source}
-        self._fit_fingerprints = np.unique(sample_fingerprints(cache))
-        self.provenance["fit_sample_ids"] = _ids(cache).tolist()
+        fit_part, certify = cache, None
+        if guarantee is not None:
+            fit_part, certify = cache.holdout_split(certify_fraction, seed=self.seed)
+        self._fit_fingerprints = np.unique(sample_fingerprints(fit_part))
+        self.provenance["fit_sample_ids"] = _ids(fit_part).tolist()
         self._calibrator = None
         self.overhead = None
         if overhead is not None and not callable(overhead):
             self.overhead = _check_overhead(overhead, cache.n_exits)
-        self.scorer.fit(cache, self.costs_for(cache), budget, seed=self.seed, verbose=verbose)
+        fit_budget = budget if budget is not None else float(cache.costs[-1])
+        self.scorer.fit(fit_part, self.costs_for(fit_part), fit_budget, seed=self.seed,
+                        verbose=verbose)
         if callable(overhead):
-            measured = overhead(self, cache)
+            measured = overhead(self, fit_part)
             self.overhead = None if measured is None else _check_overhead(measured,
                                                                           cache.n_exits)
-        self.rule = self.calibrator(cache).rule(check_budget(budget, self.costs_for(cache),
-                                                             unit=cache.cost_unit))
+        if budget is not None:
+            budget = check_budget(budget, self.costs_for(cache), unit=cache.cost_unit)
+        self.rule = self._new_rule(fit_part, certify, budget, guarantee)
         return self
+
+    def _new_rule(self, cache: ExitCache, certify: ExitCache | None, budget: float | None,
+                  guarantee: Guarantee | None) -> Thresholds:
+        """The rule for ``budget`` calibrated on ``cache``, certified on ``certify``."""
+        calibrator = self.calibrator(cache)
+        if guarantee is None or certify is None:
+            assert budget is not None
+            return calibrator.rule(budget)
+        risks = None if guarantee.risk is None else risk_table(certify)[guarantee.risk]
+        costs = self.costs_for(certify)
+        rule = certified_rule(calibrator.candidates(), score_cache(self.scorer, certify), costs,
+                              _ids(certify), guarantee, budget=budget, risk_table=risks,
+                              seed=self.seed)
+        exits = rule.exits(score_cache(self.scorer, certify), _ids(certify))
+        return rule.with_record(
+            mode=self.calibration, budget=math.nan if budget is None else budget,
+            target=math.nan if budget is None else budget, val_cost=float(costs[exits].mean()),
+            val_accuracy=float(certify.correct()[np.arange(exits.size), exits].mean()),
+            fractions=np.bincount(exits, minlength=certify.n_exits) / exits.size)
 
     def calibrator(self, cache: ExitCache) -> Calibrator:
         """The calibration of this policy's scores on ``cache``, for any budget.
@@ -173,19 +210,37 @@ class ExitPolicy:
         return self._calibrator[1]
 
     def calibrate(self, cache: ExitCache, budget: float | None = None, *,
-                  mode: str | None = None, guard: bool | None = None) -> "ExitPolicy":
-        """Recompute the rule on ``cache`` for ``budget`` (default: the current one)."""
+                  mode: str | None = None, guard: bool | None = None,
+                  guarantee: Guarantee | None = None,
+                  certify_fraction: float = 0.5) -> "ExitPolicy":
+        """Recompute the rule on ``cache`` for ``budget`` (default: the current one).
+
+        With ``guarantee`` the rule family is fitted on a seeded stratified part
+        of ``cache`` and certified on the rest (``certify_fraction``); those
+        samples must be new to a learned scorer.
+        """
         self._require("calibrate", fitted=False)
         self._check_compatible(cache)
         if mode is not None:
             self.calibration = self._check_calibration(mode)
         if guard is not None:
             self.guard = bool(guard)
-        if budget is None:
-            if self.rule is None:
-                raise EenetError("no budget: pass one to calibrate()")
+        keeps_budget = guarantee is None or guarantee.confidence is not None
+        if budget is None and keeps_budget and self.rule is not None \
+                and math.isfinite(self.rule.budget):
             budget = self.rule.budget
-        self.rule = self.calibrator(cache).rule(budget)
+        if budget is None and (guarantee is None or guarantee.confidence is not None):
+            raise EenetError("no budget: pass one to calibrate()")
+        if budget is not None:
+            budget = check_budget(budget, self.costs_for(cache), unit=cache.cost_unit)
+        certify = None
+        if guarantee is not None:
+            if self.method.learned and self._seen(cache):
+                raise EenetError(f"{self._seen(cache)} samples of this cache trained the "
+                                 f"scorer, so they cannot certify it; certify on a cache the "
+                                 f"policy has not seen (or fit with the guarantee)")
+            cache, certify = cache.holdout_split(certify_fraction, seed=self.seed)
+        self.rule = self._new_rule(cache, certify, budget, guarantee)
         return self
 
     # ---- applying --------------------------------------------------------------
@@ -205,7 +260,10 @@ class ExitPolicy:
 
     @property
     def budget(self) -> float | None:
-        return None if self.rule is None else float(self.rule.budget)
+        """The budget the rule was calibrated for (``None`` for risk control alone)."""
+        if self.rule is None or not math.isfinite(self.rule.budget):
+            return None
+        return float(self.rule.budget)
 
     @property
     def val_accuracy(self) -> float:
@@ -221,11 +279,17 @@ class ExitPolicy:
         if self.rule is None or self.reference is None:
             return f"{self.method.name} (not fitted)"
         unit = self.reference["cost_unit"]
-        label = "in-sample " if self.method.learned else ""
-        parts = [f"{self.method.name}, budget {self.rule.budget:.4g} {unit}",
-                 f"calibration {self.calibration}{' + guard' if self.guard else ''}",
+        certified = self.rule.diagnostics.get("certified")
+        label = "held-out " if certified else ("in-sample " if self.method.learned else "")
+        budget = "no budget" if self.budget is None else f"budget {self.rule.budget:.4g} {unit}"
+        guard = " + guard" if self.guard and not certified else ""
+        parts = [f"{self.method.name}, {budget}", f"calibration {self.calibration}{guard}",
                  f"{label}validation accuracy {self.rule.val_accuracy:.4f} at cost "
                  f"{self.rule.val_cost:.4g}"]
+        if certified:
+            parts += [c["guarantee"] for c in (certified.get("budget"), certified.get("risk"))
+                      if c] + (["nothing certified: the full model"]
+                               if certified.get("fallback") else [])
         if self.overhead is not None:
             parts.append(f"policy's own cost {self.overhead[0]:.3g} to {self.overhead[-1]:.3g} "
                          f"{unit} per sample, included")
@@ -258,10 +322,14 @@ class ExitPolicy:
                           f"`eenet cache ... --costs-from VAL.h5` (or `eenet import ... "
                           f"--costs-from VAL.h5`) to reuse the validation costs", stacklevel=3)
 
-    def _warn_if_seen(self, cache: ExitCache) -> None:
+    def _seen(self, cache: ExitCache) -> int:
+        """How many samples of ``cache`` the policy was fitted on."""
         if self._fit_fingerprints is None or self._fit_fingerprints.size == 0:
-            return
-        seen = int(np.isin(sample_fingerprints(cache), self._fit_fingerprints).sum())
+            return 0
+        return int(np.isin(sample_fingerprints(cache), self._fit_fingerprints).sum())
+
+    def _warn_if_seen(self, cache: ExitCache) -> None:
+        seen = self._seen(cache)
         if seen:
             where = f"{cache.path}: " if cache.path else ""
             warnings.warn(f"{where}{seen} of the {cache.n_samples} samples evaluated were used "

@@ -15,7 +15,8 @@ import pandas as pd
 from eenet._validation import EenetError, atomic_output
 from eenet.scores import METHODS
 
-__all__ = ["budget_gaps", "format_summary", "plot_sweep", "tie_margin"]
+__all__ = ["budget_gaps", "format_risk_summary", "format_summary", "plot_risk_sweep",
+           "plot_sweep", "tie_margin"]
 
 #: The smallest difference in accuracy the summary does not call a tie (0.1 points).
 MIN_TIE = 0.001
@@ -32,7 +33,15 @@ _STYLE = {
 
 
 def _policies(table: pd.DataFrame) -> pd.DataFrame:
-    return table[~table["method"].str.match(r"^exit\d+$")]
+    """Budget rows of the policies (no single exits, no risk-control rows)."""
+    keep = ~table["method"].str.match(r"^exit\d+$")
+    if "epsilon" in table:
+        keep &= table["epsilon"].isna()
+    return table[keep]
+
+
+def _risk_rows(table: pd.DataFrame) -> pd.DataFrame:
+    return table[table["epsilon"].notna()] if "epsilon" in table else table.iloc[:0]
 
 
 def _order(methods) -> list[str]:
@@ -153,3 +162,60 @@ def budget_gaps(table: pd.DataFrame, *, learned: str = "eenet") -> pd.DataFrame:
         "gap_closed": np.where(gap > 1e-12, (mean[learned] - best) / gap.where(gap > 1e-12),
                                math.nan)})
     return out.reset_index(drop=True)
+
+
+def format_risk_summary(table: pd.DataFrame, *, risk: str, cost_unit: str = "") -> str:
+    """Per risk level and method: realized test risk, cost and accuracy (means over seeds)."""
+    rows = _risk_rows(table)
+    if rows.empty:
+        return "(no risk-control rows in the table)"
+    column = f"risk_{risk}"
+    mean = rows.groupby(["epsilon", "method"], sort=True)[[column, "avg_cost", "accuracy"]] \
+        .mean()
+    unit = f" ({cost_unit})" if cost_unit else ""
+    lines = [f"risk control ({risk} against the full model): realized test {risk} / cost"
+             f"{unit} / accuracy (%), mean over {int(rows['seed'].nunique())} seed(s)",
+             f"{'epsilon':>8}  {'method':<16}{risk:>12}{'cost':>10}{'accuracy':>10}"]
+    for (eps, method), r in mean.iterrows():
+        lines.append(f"{eps:>8.4g}  {method:<16}{r[column]:>12.4f}{r['avg_cost']:>10.4g}"
+                     f"{100 * r['accuracy']:>10.2f}")
+    return "\n".join(lines)
+
+
+def plot_risk_sweep(table: pd.DataFrame, path: str | os.PathLike, *, risk: str,
+                    cost_unit: str = "", title: str = "") -> Path:
+    """Realized test risk and cost against the risk level asked for, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _risk_rows(table)
+    column = f"risk_{risk}"
+    mean = rows.groupby(["method", "epsilon"], sort=True)[[column, "avg_cost"]].mean()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
+    for m in _order(mean.index.get_level_values(0).unique()):
+        d = mean.loc[m].reset_index()
+        style = dict(_STYLE.get(m.partition(":")[0], dict(marker="o")))
+        style.setdefault("lw", 1.5)
+        label = METHODS[m.partition(":")[0]].label + m[len(m.partition(":")[0]):] \
+            if m.partition(":")[0] in METHODS else m
+        left.plot(d["epsilon"], d[column], label=label, ms=4, **style)
+        right.plot(d["epsilon"], d["avg_cost"], label=label, ms=4, **style)
+    eps = np.unique(rows["epsilon"].to_numpy())
+    left.plot(eps, eps, color="grey", ls=":", lw=1, label="risk = epsilon")
+    left.set_xlabel("risk level asked for (epsilon)")
+    left.set_ylabel(f"realized test {risk}")
+    right.set_xlabel("risk level asked for (epsilon)")
+    right.set_ylabel(f"average cost per sample ({cost_unit})" if cost_unit else "average cost")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(title or f"risk control: {risk} against the full model")
+    fig.tight_layout()
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)

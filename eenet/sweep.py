@@ -11,6 +11,7 @@ are trained per budget, in worker processes.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -27,13 +28,15 @@ from eenet._validation import EenetError, check_budget, check_choice
 from eenet.cache import ExitCache
 from eenet.evaluate import EvalResult, evaluate_exits, evaluate_oracle
 from eenet.policy import ExitPolicy
+from eenet.rules.certified import Guarantee
 from eenet.scores import METHODS, get_method, score_cache
 
 __all__ = ["COLUMNS", "DEFAULT_METHODS", "MethodSpec", "default_budgets", "parse_method_spec",
            "run_sweep"]
 
 COLUMNS = ["method", "budget", "accuracy", "avg_cost", "val_accuracy", "val_avg_cost",
-           "exit_fractions", "n_samples", "seed", "risk_consistency", "risk_gap", "risk_brier"]
+           "exit_fractions", "n_samples", "seed", "risk_consistency", "risk_gap", "risk_brier",
+           "epsilon"]
 DEFAULT_METHODS = ["eenet", "maxprob", "entropy", "patience", "static", "oracle"]
 
 
@@ -149,10 +152,25 @@ def _oracle_rows(val: ExitCache, test: ExitCache, budgets: np.ndarray, seed: int
     return rows
 
 
+def _risk_row(val: ExitCache, test: ExitCache, spec: MethodSpec, guarantee: Guarantee,
+              seed: int, hparams: dict[str, Any], overhead: np.ndarray | None
+              ) -> dict[str, Any]:
+    """A risk-controlled policy (no budget): fitted and certified on ``val``, run on ``test``."""
+    policy = ExitPolicy(spec.name, calibration=spec.calibration, seed=seed, **hparams)
+    policy.fit(val, None, overhead=overhead, guarantee=guarantee)
+    result = evaluate_exits(policy.exits(test), test, method=spec.label, budget=None,
+                            costs=policy.costs_for(test))
+    row = _row(spec.label, math.nan, seed, result, policy.val_accuracy, policy.val_cost)
+    row["epsilon"] = float(guarantee.epsilon)  # type: ignore[arg-type]
+    return row
+
+
 def _task(val: ExitCache, test: ExitCache, task: tuple) -> list[dict[str, Any]]:
     kind, spec, budgets, seed, hparams, overhead = task
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the table reports every cell's outcome
+        if kind == "risk":
+            return [_risk_row(val, test, spec, budgets, seed, hparams or {}, overhead)]
         if kind == "oracle":
             return _oracle_rows(val, test, budgets, seed)
         if kind == "fixed":
@@ -212,6 +230,7 @@ def run_sweep(val: ExitCache, test: ExitCache, *, budgets: Sequence[float] | Non
               jobs: int | None = None, hparams: dict[str, Any] | None = None,
               device: str = "cpu",
               overhead: Callable[[ExitPolicy, ExitCache], Any] | None = None,
+              risk: Guarantee | None = None, epsilons: Sequence[float] = (),
               verbose: bool = True) -> pd.DataFrame:
     """Fit every method at every budget on ``val`` and evaluate it on ``test``.
 
@@ -233,6 +252,10 @@ def run_sweep(val: ExitCache, test: ExitCache, *, budgets: Sequence[float] | Non
             (:func:`eenet.runtime.overhead.policy_overhead`): measured once per
             method before the fits, then charged to it at every budget.
             ``None`` charges the network's costs alone.
+        risk, epsilons: with both, a risk-control sweep instead of a budget sweep:
+            every method is fitted with ``risk`` (a :class:`~eenet.rules.certified.Guarantee`
+            naming the risk, the bound and delta) at each level in ``epsilons``;
+            rows carry ``epsilon`` and no budget.
         verbose: progress bar on stderr.
 
     Returns:
@@ -265,15 +288,22 @@ def run_sweep(val: ExitCache, test: ExitCache, *, budgets: Sequence[float] | Non
         own = None
         if overhead is not None and spec.name != "oracle":
             own = _measure_overhead(val, spec, float(budgets[0]), overhead)
+        learned_hp = {**(hparams or {}), "device": device} if METHODS[spec.name].learned \
+            else {}
         for seed in seeds:
+            if risk is not None and epsilons:
+                if spec.name != "oracle":
+                    tasks += [("risk", spec, dataclasses.replace(risk, epsilon=float(e)),
+                               int(seed), learned_hp, own) for e in epsilons]
+                continue
             if spec.name == "oracle":
                 tasks.append(("oracle", spec, budgets, int(seed), None, None))
             elif METHODS[spec.name].learned:
-                tasks += [("learned", spec, np.array([b]), int(seed),
-                           {**(hparams or {}), "device": device}, own) for b in budgets]
+                tasks += [("learned", spec, np.array([b]), int(seed), learned_hp, own)
+                          for b in budgets]
             else:
                 tasks.append(("fixed", spec, budgets, int(seed), None, own))
-    tasks.sort(key=lambda t: t[0] != "learned")  # the slow cells first, so workers end together
+    tasks.sort(key=lambda t: t[0] not in ("learned", "risk"))  # slow cells first
     rows = _run(val, test, tasks, jobs, verbose)
     val_correct = val.correct()
     for k in range(val.n_exits):

@@ -8,6 +8,8 @@ import click
 
 from eenet.cli import check_out_dir, command_seed, echo_json, handle_errors, main
 from eenet.rules import CALIBRATIONS
+from eenet.rules.certified import RISK_RANGES
+from eenet.rules.certify import COST_BOUNDS, RISK_BOUNDS
 from eenet.scores import METHODS
 from eenet.scores.eenet import EENetConfig
 
@@ -33,6 +35,47 @@ def read_split(path: Path, holdout: float | None, seed: int, part: str):
     return fit_part if part == "fit" else held_part
 
 
+_GUARANTEE_OPTIONS = [
+    click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                 help="Certify the budget: the expected cost on new data is at most B with "
+                      "this probability (fits on part of the cache, certifies on the rest; "
+                      "replaces the guard)."),
+    click.option("--cost-bound", type=click.Choice(sorted(COST_BOUNDS)), default="wsr",
+                 show_default=True, help="Upper confidence bound for --confidence."),
+    click.option("--risk", type=click.Choice(sorted(RISK_RANGES)),
+                 help="Bound a risk against the full model: consistency (answer differs), "
+                      "gap (early wrong minus full wrong), brier (Brier score difference)."),
+    click.option("--epsilon", type=float, help="The risk level for --risk."),
+    click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                 default=0.1, show_default=True,
+                 help="Miss probability of the risk guarantee (not used by crc)."),
+    click.option("--bound", "risk_bound", type=click.Choice(sorted(RISK_BOUNDS)),
+                 default="crc", show_default=True,
+                 help="crc: in expectation; ucb-hb, ucb-wsr, ltt: with probability 1 - delta."),
+    click.option("--certify-fraction", type=click.FloatRange(0, 1, min_open=True,
+                                                             max_open=True),
+                 default=0.5, show_default=True,
+                 help="Share of the cache kept to certify a --confidence or --risk."),
+]
+
+
+def guarantee_options(fn):
+    for option in reversed(_GUARANTEE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def make_guarantee(confidence: float | None, cost_bound: str, risk: str | None,
+                   epsilon: float | None, delta: float, risk_bound: str):
+    """The :class:`~eenet.rules.certified.Guarantee` the options ask for, or None."""
+    if confidence is None and risk is None and epsilon is None:
+        return None
+    from eenet.rules.certified import Guarantee
+
+    return Guarantee(confidence=confidence, cost_bound=cost_bound, risk=risk, epsilon=epsilon,
+                     delta=delta, risk_bound=risk_bound)
+
+
 def _eenet_option(name: str, kind: click.ParamType, text: str):
     return click.option(f"--{name.replace('_', '-')}", name, type=kind, show_default=True,
                         default=_EENET_DEFAULTS[name], help=f"EENet: {text}.")
@@ -40,8 +83,8 @@ def _eenet_option(name: str, kind: click.ParamType, text: str):
 
 @main.command(epilog="Example: eenet fit cache/fmnist_val.h5 --budget 0.3 --out policy.pt")
 @click.argument("val", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--budget", type=float, required=True, help="Average cost per sample, in the "
-                                                          "cache's cost unit.")
+@click.option("--budget", type=float, help="Average cost per sample, in the cache's cost unit "
+                                          "(required unless --risk alone).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--method", type=METHOD_CHOICE, default="eenet", show_default=True,
               help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()
@@ -57,6 +100,7 @@ def _eenet_option(name: str, kind: click.ParamType, text: str):
 @click.option("--seed", type=int, default=None, help="Overrides the group's --seed.")
 @click.option("--overhead", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True, help=OVERHEAD_HELP)
+@guarantee_options
 @_eenet_option("epochs", click.IntRange(1), "maximum training epochs")
 @_eenet_option("lr", click.FloatRange(0, min_open=True), "learning rate")
 @_eenet_option("hidden", click.IntRange(1), "hidden width of the heads")
@@ -64,9 +108,11 @@ def _eenet_option(name: str, kind: click.ParamType, text: str):
 @_eenet_option("alpha_budget", click.FloatRange(0), "weight of the budget loss")
 @click.pass_context
 @handle_errors
-def fit(ctx: click.Context, val: Path, budget: float, out: Path, method: str,
+def fit(ctx: click.Context, val: Path, budget: float | None, out: Path, method: str,
         calibration: str, no_guard: bool, holdout: float | None, seed: int | None,
-        overhead: str, **hparams: float) -> None:
+        overhead: str, confidence: float | None, cost_bound: str, risk: str | None,
+        epsilon: float | None, delta: float, risk_bound: str, certify_fraction: float,
+        **hparams: float) -> None:
     """Fit an exit policy on a validation cache and calibrate it to the budget."""
     from eenet.policy import ExitPolicy
     from eenet.runtime.overhead import choose_overhead
@@ -79,19 +125,22 @@ def fit(ctx: click.Context, val: Path, budget: float, out: Path, method: str,
     if changed and not learned:
         raise click.UsageError(f"{', '.join('--' + k.replace('_', '-') for k in changed)} "
                                f"apply to learned methods (eenet, eenet-paper) only")
+    guarantee = make_guarantee(confidence, cost_bound, risk, epsilon, delta, risk_bound)
+    if budget is None and (guarantee is None or guarantee.confidence is not None):
+        raise click.UsageError("give --budget (or --risk with --epsilon alone)")
     cache = read_split(val, holdout, seed, "fit")
     policy = ExitPolicy(method, calibration=None if calibration == "default" else calibration,
                         guard=not no_guard, seed=seed, device=ctx.obj["device"],
                         **(changed if learned else {}))
-    policy.fit(cache, budget, overhead=choose_overhead(overhead, cache),
-               verbose=ctx.obj["progress"])
+    policy.fit(cache, budget, overhead=choose_overhead(overhead, cache), guarantee=guarantee,
+               certify_fraction=certify_fraction, verbose=ctx.obj["progress"])
     policy.provenance.update(holdout=holdout, fit_cache=str(val.resolve()))
     policy.save(out)
     click.echo(f"wrote {out}: {policy.describe()}")
 
 
-@main.command(epilog="Example: eenet calibrate policy.pt cache/fmnist_val.h5 --budget 0.25 "
-                     "--out policy_025.pt")
+@main.command(epilog="Example: eenet calibrate policy.pt cache/fmnist_val.h5 --risk consistency "
+                     "--epsilon 0.02 --out policy_safe.pt")
 @click.argument("policy_path", metavar="POLICY",
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("val", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -99,10 +148,13 @@ def fit(ctx: click.Context, val: Path, budget: float, out: Path, method: str,
 @click.option("--mode", type=CALIBRATION_CHOICE, default="default", show_default=True,
               help="Calibration (default: the policy's).")
 @click.option("--no-guard", is_flag=True, help="Calibrate against B itself.")
+@guarantee_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write (default: overwrite POLICY).")
 @handle_errors
 def calibrate(policy_path: Path, val: Path, budget: float | None, mode: str, no_guard: bool,
+              confidence: float | None, cost_bound: str, risk: str | None,
+              epsilon: float | None, delta: float, risk_bound: str, certify_fraction: float,
               out: Path | None) -> None:
     """Recompute a policy's thresholds on a cache, for its budget or a new one."""
     from eenet.cache import read_cache
@@ -111,7 +163,10 @@ def calibrate(policy_path: Path, val: Path, budget: float | None, mode: str, no_
     out = check_out_dir(out or policy_path)
     policy = ExitPolicy.load(policy_path)
     policy.calibrate(read_cache(val), budget, mode=None if mode == "default" else mode,
-                     guard=False if no_guard else None)
+                     guard=False if no_guard else None,
+                     guarantee=make_guarantee(confidence, cost_bound, risk, epsilon, delta,
+                                              risk_bound),
+                     certify_fraction=certify_fraction)
     policy.save(out)
     click.echo(f"wrote {out}: {policy.describe()}")
 

@@ -8,6 +8,8 @@ import click
 from eenet.cli import (DEFAULT_CACHE_DIR, check_out_dir, handle_errors, main, parse_floats,
                        parse_names)
 from eenet.cli.policy import CALIBRATION_CHOICE, OVERHEAD_HELP, read_split
+from eenet.rules.certified import RISK_RANGES
+from eenet.rules.certify import RISK_BOUNDS
 from eenet.sweep import DEFAULT_METHODS
 
 
@@ -32,19 +34,29 @@ from eenet.sweep import DEFAULT_METHODS
               help="Parallel fits (default: the number of cores).")
 @click.option("--overhead", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True, help=OVERHEAD_HELP)
+@click.option("--epsilons", help="Risk levels, comma-separated: a risk-control sweep (each "
+                                 "method fitted with --risk at every level) instead of budgets.")
+@click.option("--risk", type=click.Choice(sorted(RISK_RANGES)), default="consistency",
+              show_default=True, help="The risk of an --epsilons sweep.")
+@click.option("--bound", "risk_bound", type=click.Choice(sorted(RISK_BOUNDS)), default="crc",
+              show_default=True, help="The risk bound of an --epsilons sweep.")
+@click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=0.1, show_default=True, help="Miss probability (not used by crc).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also draw accuracy vs cost to this PNG.")
+              help="Also draw accuracy vs cost (risk and cost vs epsilon) to this PNG.")
 @click.pass_context
 @handle_errors
 def sweep(ctx: click.Context, val: Path, test: Path | None, budgets: str | None,
           n_budgets: int, methods: str, calibration: str, seeds: int, holdout: float | None,
-          jobs: int | None, overhead: str, out: Path, plot: Path | None) -> None:
+          jobs: int | None, overhead: str, epsilons: str | None, risk: str, risk_bound: str,
+          delta: float, out: Path, plot: Path | None) -> None:
     """Many budgets x many methods: an accuracy-vs-cost CSV, a plot and a summary table."""
     import contextlib
 
     from eenet._validation import atomic_output
-    from eenet.report import format_summary, plot_sweep
+    from eenet.report import format_risk_summary, format_summary, plot_risk_sweep, plot_sweep
+    from eenet.rules.certified import Guarantee
     from eenet.runtime.overhead import choose_overhead
     from eenet.sweep import run_sweep
 
@@ -63,15 +75,21 @@ def sweep(ctx: click.Context, val: Path, test: Path | None, budgets: str | None,
                       calibration=None if calibration == "default" else calibration,
                       seeds=[seed + i for i in range(seeds)], jobs=jobs,
                       device=ctx.obj["device"], overhead=choose_overhead(overhead, val_cache),
+                      risk=Guarantee(risk=risk, epsilon=0.0, delta=delta, risk_bound=risk_bound)
+                      if epsilons else None,
+                      epsilons=parse_floats(epsilons, "--epsilons") or (),
                       verbose=ctx.obj["progress"])
+    unit, title = val_cache.cost_unit, val_cache.model or val.stem
     # both files appear together or not at all
     with contextlib.ExitStack() as stack:
         csv_tmp = stack.enter_context(atomic_output(out))
         table.to_csv(csv_tmp, index=False)
-        if plot is not None:
-            plot_sweep(table, plot, cost_unit=val_cache.cost_unit,
-                       title=val_cache.model or val.stem)
-    click.echo(format_summary(table, cost_unit=val_cache.cost_unit))
+        if plot is not None and epsilons:
+            plot_risk_sweep(table, plot, risk=risk, cost_unit=unit, title=title)
+        elif plot is not None:
+            plot_sweep(table, plot, cost_unit=unit, title=title)
+    click.echo(format_risk_summary(table, risk=risk, cost_unit=unit) if epsilons
+               else format_summary(table, cost_unit=unit))
     click.echo(f"wrote {out}" + (f" and {plot}" if plot else ""))
 
 

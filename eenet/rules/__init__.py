@@ -153,6 +153,31 @@ class Calibrator:
             fractions=np.bincount(exits, minlength=k_exits) / exits.size,
             diagnostics={**diagnostics, **rule.diagnostics}, mix_seed=self.seed)
 
+    # ---- the family, for certification ------------------------------------------
+    def candidates(self, n_ladder: int = 64) -> list[Thresholds]:
+        """The mode's one-parameter family of rules, from the cheapest to the full model.
+
+        ``search``: every step of its staircase; ``static``: the single exits;
+        the other modes: the rule at each of ``n_ladder`` costs spaced evenly
+        from the first exit's to the last's. Each is fitted on this
+        calibrator's data without the guard, and the family ends with
+        everyone at the last exit (the full model), the safest candidate.
+        """
+        costs = self.costs
+        if self.mode == "search":
+            fam = self.family()
+            rules = [Thresholds(fam.step(i)) for i in range(fam.n_steps)]
+        elif self.mode == "static":
+            rules = [Thresholds(np.where(np.arange(costs.size) < k, np.inf, -np.inf))
+                     for k in range(costs.size)]
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rules = [self._fit_at(float(t), self.scores, self.correct, self.ids)
+                         for t in np.linspace(costs[0], costs[-1], n_ladder)]
+        full = np.full(costs.size, np.inf)
+        return [r.with_record(mix_seed=self.seed) for r in rules] + [Thresholds(full)]
+
     # ---- search ----------------------------------------------------------------
     def family(self) -> SearchFamily:
         """The search staircase (built on first use)."""
