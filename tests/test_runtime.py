@@ -461,7 +461,8 @@ class TestEdgeBatches:
                 counter.remove()
             assert (out.exit == 0).all()
             assert counter.calls == [64 // batch_size, 0, 0, 0] == served.stage_calls
-            assert torch.equal(out.prediction, torch.from_numpy(np.array(test.predictions()[:64, 0])))
+            first = torch.from_numpy(np.array(test.predictions()[:64, 0]))
+            assert torch.equal(out.prediction, first)
             assert torch.isfinite(out.score).all()
 
     @pytest.mark.parametrize("batch_size", [1, 64])
@@ -528,8 +529,8 @@ class TestStagesRunOnlyWhenNeeded:
             finally:
                 counter.remove()
             assert (out.exit == 1).all()
-            assert counter.calls == [32 // batch_size] * 2 + [0] * 2 + \
-                [32 // batch_size] * 2 + [0] * 2
+            calls = 32 // batch_size
+            assert counter.calls == [calls, calls, 0, 0] + [calls, calls, 0, 0]
 
     def test_batch1_stops(self, mlp, mlp_data):
         fit, x, _ = mlp_data
@@ -786,6 +787,21 @@ class TestHooked:
                 served(x[:1])
         finally:
             served.remove_hooks()
+
+    def test_named_module_without_logits(self, interleaved_data):
+        model, fit, x, _ = interleaved_data
+        served = HookedEarlyExit(model, fit_policy("maxprob", fit, 2.0),
+                                 exit_modules=["block1", "exit_b", "exit_c"])
+        try:
+            with pytest.raises(EenetError, match=r"exit module 'block1' returned a tensor of "
+                               r"shape \[1, 16\].*expected exit 0's logits \[1, 3\]") as err:
+                served(x[:1])
+            assert "\n" not in str(err.value)
+        finally:
+            served.remove_hooks()
+        with pytest.raises(EenetError, match="'block1' returned"):
+            HookedEarlyExit(model, fit_policy("maxprob", fit, 2.0), example_input=x[:1],
+                            exit_modules=["block1", "exit_b", "exit_c"])
 
     def test_model_catching_exceptions_still_stops(self, interleaved_data):
         model, fit, x, _ = interleaved_data

@@ -312,10 +312,11 @@ class HookedEarlyExit(nn.Module):
                     f"in exit order (a model that runs its heads out of order cannot stop "
                     f"early); reorder the forward or use the staged protocol "
                     f"(eenet.runtime.model)")
-            if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != 1:
+            if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != 1 or \
+                    (self.n_classes and logits.shape[1] != self.n_classes):
                 raise EenetError(f"exit module {self.exit_names[k]!r} returned "
                                  f"{describe(logits)}; expected exit {k}'s logits "
-                                 f"[1, n_classes]")
+                                 f"[1, {self.n_classes or 'n_classes'}]")
             logits = logits.float()
             run.next = k + 1
             scorer = self.policy.scorer
