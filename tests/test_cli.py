@@ -160,6 +160,13 @@ class TestChain:
         table = pd.read_csv(tmp_path / "s.csv")
         assert (table["n_samples"] == 300).all() and len(table) == 2 + 3
 
+    def test_holdout_at_evaluate_does_not_hide_a_whole_cache_fit(self, tmp_path, caches):
+        val, _ = caches
+        fit(val, tmp_path / "w.pt", "--method", "maxprob")
+        res = run("evaluate", tmp_path / "w.pt", val, "--holdout", 0.5, "--json")
+        assert res.exit_code == 0, res.output
+        assert "600 of the 600 samples evaluated were used to fit the policy" in res.stderr
+
     def test_cost_mismatch_warns_with_the_fix(self, tmp_path, caches):
         val, test = caches
         fit(val, tmp_path / "p.pt", "--method", "maxprob")
