@@ -16,6 +16,7 @@ really spends (:meth:`ExitPolicy.costs_for`).
 from __future__ import annotations
 
 import copy
+import io
 import math
 import os
 import warnings
@@ -352,10 +353,12 @@ class ExitPolicy:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the policy atomically (a temporary file, then a rename)."""
-        state = self.to_state()
+        buffer = io.BytesIO()
+        # serialised in memory first: torch.save reports a full disk as a RuntimeError from
+        # its zip writer, a plain file write as the OSError it is
+        torch.save(self.to_state(), buffer)
         with atomic_output(path) as tmp:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
+            tmp.write_bytes(buffer.getbuffer())
         return Path(path)
 
     @classmethod
