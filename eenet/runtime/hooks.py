@@ -170,9 +170,11 @@ class HookedEarlyExit(nn.Module):
             (``dict(model.named_modules())`` keys), one per exit, in order.
             Each must return its exit's logits as a tensor ``[1, n_classes]``.
         example_input: one sample the model accepts. Without ``exit_modules``
-            the exit modules are found with one forward on it; with them, that
-            forward checks their order. Needs a forward that returns the exits
-            as a list or tuple of logits.
+            the exit modules are found with one forward on it
+            (:func:`find_exit_modules`, which needs a forward returning the
+            exits as a list or tuple of logits); with them, that forward
+            checks their order and outputs. Either way it warns when no layer
+            runs between the first and the last exit module.
 
     The module's ``forward(x, sample_ids=None)`` takes a batch of one sample
     and returns an :class:`~eenet.runtime.model.EarlyExitOutput` with one row.
