@@ -128,8 +128,29 @@ def load_exit_outputs(src: str | os.PathLike, *, labels: str | os.PathLike | Non
         raise EenetError("give either --costs or --costs-from, not both")
     if layout not in ("nkc", "knc"):
         raise EenetError(f"layout must be 'nkc' or 'knc', got {layout!r}")
+    array, stored, probs = _read_outputs(src, layout, probs)
+    label_arr = _read_labels(src, labels, stored.get("labels"), array.shape)
+    if costs_from is not None:
+        shared = _shared_costs(costs_from, array.shape[1])
+    else:
+        shared = {"costs": _given_costs(src, costs, stored.get("costs"), array.shape[1],
+                                        cost_unit), "cost_unit": cost_unit}
+    kind = "logits"
+    if probs:
+        array, kind = _log_probs(src, array), "log_probs"
+    return ExitCache(logits=array, labels=label_arr, costs=shared["costs"],
+                     cost_unit=shared["cost_unit"],
+                     cost_source=shared.get("cost_source", "given"), model=model or src.stem,
+                     dataset=dataset, split=split, logits_kind=kind,
+                     extra_costs=shared.get("extra_costs", {}), attrs=shared.get("attrs", {}))
+
+
+def _read_outputs(src: Path, layout: Layout, probs: bool
+                  ) -> tuple[np.ndarray, dict[str, Any], bool]:
+    """float32 [n_samples, n_exits, n_classes] outputs, what else ``src`` stores, and
+    whether they are probabilities."""
     raw = _load_any(src, "source")
-    stored_labels = stored_costs = None
+    stored: dict[str, Any] = {}
     if isinstance(raw, dict):
         keys = sorted(map(str, raw))
         if "logits" in raw and "probs" in raw:
@@ -141,8 +162,7 @@ def load_exit_outputs(src: str | os.PathLike, *, labels: str | os.PathLike | Non
         else:
             raise EenetError(f"{src}: expected a key 'logits' or 'probs' "
                              f"[n_samples, n_exits, n_classes], found keys {keys}")
-        stored_labels = raw.get("labels")
-        stored_costs = raw.get("costs")
+        stored = {k: raw[k] for k in ("labels", "costs") if raw.get(k) is not None}
     else:
         array = raw
     array = _to_numpy(array, "logits", src)
@@ -154,8 +174,12 @@ def load_exit_outputs(src: str | os.PathLike, *, labels: str | os.PathLike | Non
         raise EenetError(f"{src}: exit outputs must be floating point, got {array.dtype}")
     if layout == "knc":
         array = np.swapaxes(array, 0, 1)  # [n_exits, n_samples, n_classes] -> [n_samples, ...]
-    array = np.ascontiguousarray(array, dtype=np.float32)
+    return np.ascontiguousarray(array, dtype=np.float32), stored, probs
 
+
+def _read_labels(src: Path, labels: str | os.PathLike | None, stored: Any,
+                 shape: tuple[int, ...]) -> np.ndarray:
+    """int64 [n_samples] labels from ``labels`` (a file) or those stored in ``src``."""
     if labels is not None:
         raw_labels = _load_any(Path(labels), "labels")
         if isinstance(raw_labels, dict):
@@ -163,43 +187,41 @@ def load_exit_outputs(src: str | os.PathLike, *, labels: str | os.PathLike | Non
                 raise EenetError(f"{labels}: expected a key 'labels', found "
                                  f"{sorted(map(str, raw_labels))}")
             raw_labels = raw_labels["labels"]
-        stored_labels = raw_labels
-    if stored_labels is None:
+        stored = raw_labels
+    if stored is None:
         raise EenetError(f"{src}: no labels; store them under 'labels' or pass --labels PATH")
-    label_arr = _label_vector(_to_numpy(stored_labels, "labels", src), src)
-    if label_arr.shape[0] != array.shape[0]:
-        hint = " (is the layout 'knc'?)" if label_arr.shape[0] == array.shape[1] else ""
-        raise EenetError(f"{src}: {array.shape[0]} samples of exit outputs but "
+    label_arr = _label_vector(_to_numpy(stored, "labels", src), src)
+    n_samples, n_exits, n_classes = shape
+    if label_arr.shape[0] != n_samples:
+        hint = " (is the layout 'knc'?)" if label_arr.shape[0] == n_exits else ""
+        raise EenetError(f"{src}: {n_samples} samples of exit outputs but "
                          f"{label_arr.shape[0]} labels{hint}")
-    label_arr = check_labels(label_arr, array.shape[0], array.shape[2], where=f"{src}: ")
-    shared = _shared_costs(costs_from, array.shape[1]) if costs_from is not None else {}
+    return check_labels(label_arr, n_samples, n_classes, where=f"{src}: ")
 
+
+def _given_costs(src: Path, costs: Sequence[float] | str | None, stored: Any, n_exits: int,
+                 cost_unit: str) -> np.ndarray:
+    """float64 [n_exits] costs: ``costs`` when given, else those stored in ``src``."""
     cost_arr = parse_costs(costs) if costs is not None else (
-        None if stored_costs is None else _to_numpy(stored_costs, "costs", src).astype(float))
-    if costs_from is not None:
-        cost_arr, cost_unit = shared["costs"], shared["cost_unit"]
+        None if stored is None else _to_numpy(stored, "costs", src).astype(float))
     if cost_arr is None:
         raise EenetError(f"{src}: no per-exit costs; pass --costs c1,c2,... "
-                         f"({array.shape[1]} cumulative values in {cost_unit}) or "
+                         f"({n_exits} cumulative values in {cost_unit}) or "
                          f"--costs-from VAL.h5")
-    cost_arr = check_costs(cost_arr, array.shape[1])
+    return check_costs(cost_arr, n_exits)
 
-    kind = "logits"
-    if probs:
-        if not np.all(np.isfinite(array)):
-            raise EenetError(f"{src}: probabilities contain NaN or inf")
-        sums = array.sum(axis=2)
-        if array.min() < 0 or array.max() > 1 or np.abs(sums - 1).max() > 1e-3:
-            raise EenetError(f"{src}: values are not probabilities (each row must lie in "
-                             f"[0, 1] and sum to 1, worst row sums to "
-                             f"{sums.flat[np.abs(sums - 1).argmax()]:.4g}); drop --probs for "
-                             f"logits")
-        array = np.log(np.maximum(array, _PROB_FLOOR))
-        kind = "log_probs"
-    return ExitCache(logits=array, labels=label_arr, costs=cost_arr, cost_unit=cost_unit,
-                     cost_source=shared.get("cost_source", "given"), model=model or src.stem,
-                     dataset=dataset, split=split, logits_kind=kind,
-                     extra_costs=shared.get("extra_costs", {}), attrs=shared.get("attrs", {}))
+
+def _log_probs(src: Path, array: np.ndarray) -> np.ndarray:
+    """Probabilities [n_samples, n_exits, n_classes] checked and turned into log-probabilities."""
+    if not np.all(np.isfinite(array)):
+        raise EenetError(f"{src}: probabilities contain NaN or inf; fix the source file")
+    sums = array.sum(axis=2)
+    if array.min() < 0 or array.max() > 1 or np.abs(sums - 1).max() > 1e-3:
+        raise EenetError(f"{src}: values are not probabilities (each row must lie in "
+                         f"[0, 1] and sum to 1, worst row sums to "
+                         f"{sums.flat[np.abs(sums - 1).argmax()]:.4g}); drop --probs for "
+                         f"logits")
+    return np.log(np.maximum(array, _PROB_FLOOR))
 
 
 def _shared_costs(path: str | os.PathLike, n_exits: int) -> dict[str, Any]:

@@ -1,26 +1,30 @@
-"""One forward of a multi-exit model, checked against the contract, and batch plumbing.
+"""One forward of a multi-exit model, checked against the contract, and the batches around it.
 
 The forward contract (DESIGN.md section 6): ``model(x)`` returns a list or
 tuple of per-exit logits, one ``[batch, n_classes]`` tensor per exit, every
 exit with the same ``n_classes``. :func:`exit_logits` checks it and stacks the
 exits into ``[batch, n_exits, n_classes]``; :func:`forward` runs the model
-without autograd and turns its failures into one line.
+without autograd and turns its failures into one line; :func:`stream_batches`
+runs it over a ``DataLoader`` and hands each batch's logits to the host.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
+from torch.utils.data import DataLoader
 
 from eenet._validation import EenetError
 from eenet.ingest.resolve import describe, first_line
 
 __all__ = ["autocast", "batch_len", "exit_logits", "forward", "grad_off", "labels_of",
-           "select_rows", "to_device"]
+           "make_loader", "select_rows", "stream_batches", "to_device", "to_host"]
 
 
 def to_device(x: Any, device: torch.device, non_blocking: bool = False) -> Any:
@@ -111,6 +115,9 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+_autocast = autocast  # stream_batches has a flag of the same name
+
+
 def grad_off(model: nn.Module) -> contextlib.AbstractContextManager:
     """``inference_mode``; ``no_grad`` for TorchScript, whose graph executor can try to
     record inference tensors for autograd when its parameters require grad."""
@@ -130,3 +137,84 @@ def forward(model: nn.Module, x: Any, where: str) -> Any:
         raise EenetError(f"the model's forward failed on {where} (input {describe(x)}): "
                          f"{type(err).__name__}: {first_line(err)}; check that the "
                          f"dataset's inputs suit the model") from err
+
+
+# ---------------------------------------------------------------------------
+# streaming a loader through the model
+# ---------------------------------------------------------------------------
+def to_host(logits: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Start copying a batch's logits to the host; returns (host tensor, event or None).
+
+    On CUDA the copy goes to pinned memory without blocking, and the writer
+    thread waits on the event, so the next forward is queued meanwhile.
+    """
+    if logits.device.type != "cuda":
+        return logits, None
+    host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
+    host.copy_(logits, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+def stream_batches(model: nn.Module, loader: DataLoader, device: torch.device, *,
+                   ids: np.ndarray | None, first_id: int = 0, limit: int | None = None,
+                   autocast: bool = False, bar: Any = None
+                   ) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray, Any]]:
+    """Yield ``(logits [b, K, C], labels [b], sample_ids [b], ready)`` batch by batch.
+
+    ``ids`` are the dataset rows the loader yields, in order; without them the
+    rows count up from ``first_id`` (a resumed stream may then be empty). Grad mode
+    is switched off around each forward only: a context held across ``yield``
+    would leak into the consumer.
+    """
+    non_blocking = device.type == "cuda"
+    shape: tuple[int, int] | None = None
+    seen = 0
+    for i, batch in enumerate(_reading(loader)):
+        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+            raise EenetError(f"batch {i} is {describe(batch)}; the dataset must yield "
+                             f"(input, integer label) pairs")
+        x, y = batch
+        y = labels_of(y, i)
+        if limit is not None and seen + y.shape[0] > limit:
+            x, y = select_rows(x, torch.arange(limit - seen)), y[:limit - seen]
+        b = int(y.shape[0])
+        with _autocast(device, autocast):
+            outs = forward(model, to_device(x, device, non_blocking), f"batch {i}")
+        logits = exit_logits(outs, b, shape)
+        shape = (logits.shape[1], logits.shape[2])
+        batch_ids = ids[seen:seen + b] if ids is not None else \
+            np.arange(first_id + seen, first_id + seen + b)
+        seen += b
+        if bar is not None:
+            bar.update(b)
+        host, ready = to_host(logits)
+        yield host, y.numpy().astype(np.int64, copy=False), batch_ids, ready
+        if limit is not None and seen >= limit:
+            break
+    if seen == 0 and first_id == 0:
+        raise EenetError("the dataset yielded no samples; check the data spec and --limit")
+
+
+def _reading(loader: DataLoader) -> Iterator[Any]:
+    """The loader's batches; a dataset that fails while read becomes one line."""
+    batches = iter(loader)
+    for i in itertools.count():
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except EenetError:
+            raise
+        except Exception as err:
+            raise EenetError(f"reading batch {i} of the dataset raised {type(err).__name__}: "
+                             f"{first_line(err)}; check the dataset") from err
+        yield batch
+
+
+def make_loader(dataset: Any, batch_size: int, num_workers: int, device: torch.device,
+                sampler: Any = None) -> DataLoader:
+    """The rows of ``dataset`` in order (or ``sampler``'s), pinned for a CUDA device."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                      num_workers=num_workers, pin_memory=device.type == "cuda")
