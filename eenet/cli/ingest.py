@@ -64,8 +64,10 @@ def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: 
           timing: bool | None, resume: bool, distributed: bool | None) -> None:
     """Run a frozen multi-exit network once and store every exit's output."""
     import eenet.examples  # noqa: F401  (registers the bundled dataset names)
+    from eenet._validation import Interrupted
     from eenet.cache import read_costs
     from eenet.ingest.model import CacheOptions, cache_model
+    from eenet.ingest.stream import PartialRun
 
     check_out_dir(out)
     cost_spec: Any = costs if costs in ("measured", "flops") else parse_floats(costs, "--costs")
@@ -77,7 +79,13 @@ def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: 
                         autocast=autocast, seed=ctx.obj["seed"],
                         verbose=ctx.obj["progress"], resume=resume,
                         distributed=distributed or None)
-    path = cache_model(model_spec, data_spec, out, opts)
+    try:
+        path = cache_model(model_spec, data_spec, out, opts)
+    except (KeyboardInterrupt, Interrupted):
+        if resume:
+            click.echo(f"complete chunks are kept in {PartialRun(out).dir}; run the same "
+                       f"command again to continue", err=True)
+        raise
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return  # rank 0 reports for a distributed run
     c = read_costs(path)
