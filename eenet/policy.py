@@ -48,14 +48,19 @@ def sample_fingerprints(cache: ExitCache) -> np.ndarray:
     The same input through the same network gives the same fingerprint, so a
     policy can tell when it is evaluated on samples it was fitted on, whatever
     their ids. Logits are rounded to float16 first, so float16 and float32
-    caches of one run agree.
+    caches of one run agree. Computed in blocks of samples (a few MiB each).
     """
-    bits = np.ascontiguousarray(cache.logits, dtype=np.float16).view(np.int16)
-    n = bits.shape[0]
-    flat = bits.reshape(n, -1).astype(np.int64)
-    mult = np.random.default_rng(0x5EED).integers(1, 2**62, size=flat.shape[1], dtype=np.int64)
+    n, k_exits, c = cache.logits.shape
+    width = k_exits * c
+    mult = np.random.default_rng(0x5EED).integers(1, 2**62, size=width, dtype=np.int64)
+    out = np.empty(n, dtype=np.int64)
+    rows = max(1, (8 << 20) // (8 * width))
     with np.errstate(over="ignore"):
-        return (flat * mult).sum(axis=1) ^ (flat[:, 0] << 40)
+        for start in range(0, n, rows):
+            block = np.asarray(cache.logits[start:start + rows], dtype=np.float16)
+            bits = block.view(np.int16).reshape(block.shape[0], width).astype(np.int64)
+            out[start:start + rows] = (bits * mult).sum(axis=1) ^ (bits[:, 0] << 40)
+    return out
 
 
 def _ids(cache: ExitCache) -> np.ndarray:

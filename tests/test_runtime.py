@@ -404,8 +404,6 @@ class TestMatchesSimulation:
         path = cnn_policies["eenet"].save(tmp_path / "p.pt")
         compare(serve(EarlyExitModel(cnn, path), x, 64), cnn_policies["eenet"], test)
 
-    @pytest.mark.xfail(strict=True, reason="EarlyExitModel keeps the thresholds of the rule it "
-                       "first served (_shared) after the policy is recalibrated")
     def test_recalibrated_policy_is_served(self, cnn, cnn_data):
         fit, x, test = cnn_data
         policy = fit_policy("maxprob", fit, CNN_BUDGET)
@@ -492,8 +490,6 @@ class TestEdgeBatches:
         assert out.score.dtype == torch.float64
         assert sum(counter.calls) == 0 and served.stage_calls == [0, 0, 0, 0]
 
-    @pytest.mark.xfail(strict=True, reason="an empty batch returns logits of shape [0], not "
-                       "[0, n_classes] as EarlyExitOutput documents")
     def test_empty_batch_logits_shape(self, cnn, cnn_policies):
         out = EarlyExitModel(cnn, cnn_policies["maxprob"])(torch.empty(0, 1, 28, 28))
         assert tuple(out.logits.shape) == (0, 10)

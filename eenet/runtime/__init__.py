@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+from eenet.runtime.hooks import HookedEarlyExit
 from eenet.runtime.model import EarlyExitModel, EarlyExitOutput, staged_parts
 
-__all__ = ["EarlyExitModel", "EarlyExitOutput", "staged_parts"]
+__all__ = ["EarlyExitModel", "EarlyExitOutput", "HookedEarlyExit", "staged_parts"]

@@ -131,7 +131,7 @@ class EarlyExitModel(nn.Module):
         self.stage_calls = [0] * self.n_exits  # how many times each stage ran, for tests/stats
         # plain lists: indexing an nn.ModuleList costs microseconds, a list nanoseconds
         self._stage_list, self._head_list = list(self.stages), list(self.heads)
-        self._shared: dict[torch.device, Tensor] = {}  # one threshold vector, per device
+        self._shared: dict[torch.device, tuple[Any, Tensor]] = {}  # rule, thresholds
 
     def extra_repr(self) -> str:
         return f"policy={self.policy.describe()}"
@@ -143,10 +143,12 @@ class EarlyExitModel(nn.Module):
         first = self.samples_seen
         self.samples_seen += batch
         if rule.alt is None or rule.mix <= 0:  # type: ignore[union-attr]
-            if device not in self._shared:
-                self._shared[device] = torch.as_tensor(rule.values, dtype=torch.float64,
-                                                       device=device)  # type: ignore
-            return self._shared[device]
+            kept = self._shared.get(device)
+            if kept is None or kept[0] is not rule:  # a recalibrated policy has a new rule
+                kept = (rule, torch.as_tensor(rule.values, dtype=torch.float64,  # type: ignore
+                                              device=device))
+                self._shared[device] = kept
+            return kept[1]
         if sample_ids is None:
             ids = np.arange(first, first + batch)
         else:
@@ -195,7 +197,8 @@ class EarlyExitModel(nn.Module):
         running = torch.arange(batch, device=device)  # original positions still running
         out_exit = torch.full((batch,), self.n_exits - 1, dtype=torch.long, device=device)
         out_score = torch.full((batch,), float("nan"), dtype=torch.float64, device=device)
-        out_logits = torch.empty(0, device=device)
+        n_classes = int(self.policy.reference["n_classes"])  # type: ignore[index]
+        out_logits = torch.empty(0, n_classes, device=device)
         state: dict[str, Tensor] = {}
         h = x
         for k in range(self.n_exits):
