@@ -28,6 +28,7 @@ from eenet.sweep import COLUMNS
 from eenet.synthetic import synthetic_cache
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the shared test helpers (_toy_models)
 EENET_FAST = ["--epochs", "60", "--lr", "0.01"]
 
 
@@ -295,22 +296,39 @@ class TestErrors:
         assert not (tmp_path / "p.pt").exists()
 
     def test_ctrl_c_while_saving_leaves_no_file(self, tmp_path, caches, monkeypatch):
-        def half_written(obj, f, *args, **kwargs):
-            f.write(b"partial policy bytes")
+        """Interrupted after the temporary file is complete, before its rename."""
+        import eenet._validation as validation
+
+        def interrupted(src, dst):
+            assert Path(src).stat().st_size > 0 and not Path(dst).exists()
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(eenet.policy.torch, "save", half_written)
+        monkeypatch.setattr(validation.os, "replace", interrupted)
         res = run("fit", caches[0], "--budget", 2, "--out", tmp_path / "p.pt",
                   "--method", "maxprob")
         assert res.exit_code == 130
         assert sorted(p.name for p in tmp_path.iterdir()) == ["test.h5", "val.h5"]
 
-    def test_full_disk_while_saving_is_one_line(self, tmp_path, caches, monkeypatch):
-        def full(obj, f, *args, **kwargs):
-            f.write(b"partial")
+    def test_full_disk_while_saving_is_one_line(self, tmp_path, caches):
+        """A real 4 KiB disk (a tmpfs; skipped where the test may not mount one)."""
+        from _toy_models import mount_tmpfs
+
+        with mount_tmpfs(tmp_path / "small", "4k") as small:
+            res = run("fit", caches[0], "--budget", 2, "--out", small / "p.pt",
+                      "--method", "maxprob")
+            assert res.exit_code == 1
+            line = one_error_line(res)
+            assert "no space left on device" in line.lower() and "p.pt" in line
+            assert list(small.iterdir()) == []
+
+    def test_injected_full_disk_at_the_writer_is_one_line(self, tmp_path, caches,
+                                                          monkeypatch):
+        import eenet._validation as validation
+
+        def full(src, dst):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(eenet.policy.torch, "save", full)
+        monkeypatch.setattr(validation.os, "replace", full)
         res = run("fit", caches[0], "--budget", 2, "--out", tmp_path / "p.pt",
                   "--method", "maxprob")
         assert res.exit_code == 1
