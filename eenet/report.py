@@ -8,12 +8,15 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from eenet._validation import EenetError, atomic_output
 from eenet.scores import METHODS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["budget_gaps", "format_risk_summary", "format_summary", "plot_risk_sweep",
            "plot_sweep", "tie_margin"]
@@ -66,6 +69,8 @@ def format_summary(table: pd.DataFrame, *, cost_unit: str = "") -> str:
     budget; the header says what the margin is and how many seeds it rests
     on. The oracle is shown but never marked: it reads the labels.
     """
+    import pandas as pd  # imported on use: half a second at start-up
+
     pol = _policies(table)
     if pol.empty:
         return "(no policies in the table)"
@@ -148,6 +153,8 @@ def plot_sweep(table: pd.DataFrame, path: str | os.PathLike, *, cost_unit: str =
 def budget_gaps(table: pd.DataFrame, *, learned: str = "eenet") -> pd.DataFrame:
     """Per budget: the learned method's accuracy minus the best baseline's, and the
     share of the best-baseline-to-oracle gap it closes (means over seeds)."""
+    import pandas as pd  # imported on use: half a second at start-up
+
     pol = _policies(table)
     mean = pol.groupby(["budget", "method"])["accuracy"].mean().unstack("method")
     if learned not in mean or "oracle" not in mean:
@@ -157,7 +164,8 @@ def budget_gaps(table: pd.DataFrame, *, learned: str = "eenet") -> pd.DataFrame:
     gap = mean["oracle"] - best
     out = pd.DataFrame({
         "budget": mean.index, learned: mean[learned].values, "best_baseline": best.values,
-        "best_baseline_name": mean[baselines].idxmax(axis=1).values,
+        "best_baseline_name": mean[baselines].fillna(-np.inf).idxmax(axis=1)
+        .where(mean[baselines].notna().any(axis=1), "").values,
         "oracle": mean["oracle"].values, "gain": (mean[learned] - best).values,
         "gap_closed": np.where(gap > 1e-12, (mean[learned] - best) / gap.where(gap > 1e-12),
                                math.nan)})

@@ -18,10 +18,9 @@ import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
-import pandas as pd
 from tqdm.auto import tqdm
 
 from eenet._validation import EenetError, check_budget, check_choice
@@ -30,6 +29,9 @@ from eenet.evaluate import EvalResult, evaluate_exits, evaluate_oracle
 from eenet.policy import ExitPolicy
 from eenet.rules.certified import Guarantee
 from eenet.scores import METHODS, get_method, score_cache
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["COLUMNS", "DEFAULT_METHODS", "MethodSpec", "default_budgets", "parse_method_spec",
            "run_sweep"]
@@ -311,6 +313,8 @@ def run_sweep(val: ExitCache, test: ExitCache, *, budgets: Sequence[float] | Non
                                 budget=float(test.costs[k]))
         rows.append(_row(f"exit{k}", test.costs[k], seeds[0], single,
                          float(val_correct[:, k].mean()), float(val.costs[k])))
+    import pandas as pd  # imported on use: half a second at start-up
+
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

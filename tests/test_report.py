@@ -155,10 +155,6 @@ class TestBudgetGaps:
                                        ("oracle", 2.0, 0): 0.9}), learned="eenet-paper")
         assert gaps["gain"].tolist() == pytest.approx([0.1])
 
-
-    @pytest.mark.xfail(strict=True, reason="budget_gaps raises pandas' 'Encountered all NA "
-                       "values' when no baseline has a value at some budget (a cell a policy "
-                       "cannot serve is NaN in a sweep)")
     def test_a_budget_without_any_baseline_value(self):
         cells = {("eenet", 1.0, 0): 0.70, ("maxprob", 1.0, 0): math.nan,
                  ("oracle", 1.0, 0): 0.80,

@@ -214,7 +214,7 @@ class Calibrator:
                 ids: np.ndarray, diagnostics: dict[str, Any] | None = None) -> Thresholds:
         """The mode's rule for ``target`` on (a resample of) the calibration data."""
         if self.mode == "patience":
-            return patience_rule(scores, self.costs, target, seed=self.seed)
+            return patience_rule(scores, self.costs, target, seed=self.seed, sample_ids=ids)
         dist_fn = self._distribution(diagnostics)
         values, dist, dist_budget = fit_quota(scores, self.costs, target, dist_fn)
         if diagnostics is not None:

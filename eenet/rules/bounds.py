@@ -32,9 +32,6 @@ import math
 from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
-import scipy.optimize
-import scipy.special
-import scipy.stats
 
 from eenet._validation import EenetError, check_choice, check_number
 
@@ -205,6 +202,8 @@ def hoeffding_pvalue(x: Any, alpha: float, *, low: float = 0.0, high: float = 1.
 # ---------------------------------------------------------------------------
 def _h1(a: float, b: float) -> float:
     """``a log(a/b) + (1-a) log((1-a)/(1-b))``, the Bernoulli relative entropy."""
+    import scipy.special  # scipy is imported on use: it costs a third of a second at start-up
+
     return float(scipy.special.rel_entr(a, b) + scipy.special.rel_entr(1 - a, 1 - b))
 
 
@@ -222,6 +221,8 @@ def _hb_unit_pvalue(total: float, n: int, a: float) -> float:
         return 1.0
     mean = total / n
     hoeffding = math.exp(-n * _h1(min(mean, a), a))
+    import scipy.stats
+
     bentkus = math.e * float(scipy.stats.binom.cdf(_successes(total), n, a))
     return min(hoeffding, bentkus, 1.0)
 
@@ -275,6 +276,8 @@ def _hb_unit_ucb(total: float, n: int, delta: float) -> float:
     # The p-value is continuous and non-increasing in alpha; it is 1 at alpha = mean
     # (the binomial median is at most ceil(n mean), so the Bentkus term is >= e/2) and
     # 0 at alpha = 1, so the root below is the smallest alpha whose p-value is delta.
+    import scipy.optimize
+
     root = scipy.optimize.brentq(lambda a: _hb_unit_pvalue(total, n, a) - delta,
                                  mean, 1.0, xtol=_ROOT_XTOL)
     return min(root + 2 * _ROOT_XTOL, 1.0)

@@ -18,8 +18,6 @@ import warnings
 from typing import Any, Callable
 
 import numpy as np
-import scipy.optimize
-import scipy.special
 
 from eenet._validation import BUDGET_RTOL, EenetError, check_budget, check_costs
 from eenet.rules.thresholds import apply_thresholds
@@ -27,6 +25,11 @@ from eenet.rules.thresholds import apply_thresholds
 __all__ = ["fit_quota", "fits", "geometric_fractions", "quota_thresholds", "tilt_fractions"]
 
 _QUOTA_EPS = 1e-9  # absorbs float error in fraction * n_samples before flooring
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - np.max(x))
+    return e / e.sum()
 
 
 def fits(cost: float, budget: float) -> bool:
@@ -165,17 +168,19 @@ def geometric_fractions(costs: np.ndarray, budget: float) -> np.ndarray:
     idx = np.arange(k_exits, dtype=np.float64)
 
     def excess(log_g: float) -> float:
-        return _dist_cost(scipy.special.softmax(log_g * idx), costs) - budget
+        return _dist_cost(_softmax(log_g * idx), costs) - budget
 
     # At |log g| = 800 the softmax is one-hot in float64, so the bracket holds
     # for every budget strictly between c_0 and c_{K-1}.
+    import scipy.optimize  # imported on use: it costs a third of a second at start-up
+
     log_g = scipy.optimize.brentq(excess, -800.0, 800.0, xtol=1e-13, rtol=4 * np.finfo(float).eps,
                                   maxiter=500)
-    return scipy.special.softmax(log_g * idx)
+    return _softmax(log_g * idx)
 
 
 def _tilted(log_f: np.ndarray, cost_norm: np.ndarray, tau: float) -> np.ndarray:
-    return scipy.special.softmax(log_f - tau * cost_norm)
+    return _softmax(log_f - tau * cost_norm)
 
 
 def tilt_fractions(fractions: np.ndarray, costs: np.ndarray, budget: float) -> np.ndarray:
@@ -262,6 +267,8 @@ def tilt_fractions(fractions: np.ndarray, costs: np.ndarray, budget: float) -> n
         return limit(cheapest=False)
     if excess(hi) > 0:
         return limit(cheapest=True)
+    import scipy.optimize
+
     tau = scipy.optimize.brentq(excess, lo, hi, xtol=1e-14, rtol=4 * np.finfo(float).eps,
                                 maxiter=500)
     return _tilted(log_f, cost_norm, tau)

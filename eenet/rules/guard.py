@@ -35,7 +35,6 @@ import warnings
 from typing import Any, Callable
 
 import numpy as np
-import scipy.stats
 
 from eenet._validation import EenetError
 from eenet.rules.thresholds import Thresholds
@@ -56,6 +55,8 @@ def check_guard_args(n_boot: int, level: float) -> None:
 def _combine(optimism: np.ndarray, eval_var: np.ndarray, n_eval: int, level: float
              ) -> tuple[np.ndarray, dict[str, Any]]:
     """margin = mean + z * sqrt(var(optimism) + mean(eval var) / n_eval), per column."""
+    import scipy.stats  # imported on use: it costs a third of a second at start-up
+
     z = float(scipy.stats.norm.ppf(level))
     sd_fit = optimism.std(axis=0, ddof=1) if optimism.shape[0] > 1 else np.zeros(
         optimism.shape[1:])
@@ -101,6 +102,8 @@ def refit_margin(fit: Callable[[np.ndarray, np.ndarray, np.ndarray], Thresholds]
         full = costs[rule.exits(scores, sample_ids)]
         eval_var.append(float(full.var()))
         return float(full.mean() - costs[rule.exits(scores[idx], sample_ids[idx])].mean())
+
+    import scipy.stats
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -17,20 +17,26 @@ from __future__ import annotations
 import numpy as np
 
 from eenet._validation import BUDGET_RTOL
-from eenet.rules.thresholds import Thresholds, apply_thresholds
+from eenet.rules.thresholds import Thresholds, apply_thresholds, mix_draws
 
 __all__ = ["patience_rule"]
 
 
 def patience_rule(scores: np.ndarray, costs: np.ndarray, target: float, *,
-                  seed: int = 0) -> Thresholds:
-    """The patience rule whose expected cost on ``scores`` is ``target`` (or the nearest).
+                  seed: int = 0, sample_ids: np.ndarray | None = None) -> Thresholds:
+    """The patience rule whose cost on ``scores`` is ``target`` (or the nearest below).
+
+    The share of samples sent to patience t + 1 is the largest whose realized
+    cost on these samples, with the samples chosen by id
+    (:func:`~eenet.rules.thresholds.mix_draws`), still fits the target: on
+    the calibration data the cost lands within one sample's difference of it.
 
     Args:
         scores: [n_samples, n_exits] patience scores (run length / n_exits).
         costs: [n_exits] cumulative exit costs.
         target: average cost to spend.
         seed: seed of the per-sample mixing draws.
+        sample_ids: [n_samples] ids (default ``0..n-1``).
 
     Returns:
         :class:`Thresholds`; ``diagnostics`` holds ``patience``, ``mix`` and
@@ -39,17 +45,26 @@ def patience_rule(scores: np.ndarray, costs: np.ndarray, target: float, *,
     Example:
         >>> runs = np.array([[1, 2, 3], [1, 1, 2], [1, 1, 1], [1, 2, 3]]) / 3
         >>> rule = patience_rule(runs, np.array([1.0, 2.0, 3.0]), 2.0)
-        >>> rule.diagnostics["patience"], round(rule.mix, 4)
-        (0, 0.6667)
+        >>> costs = np.array([1.0, 2.0, 3.0])
+        >>> rule.diagnostics["patience"], float(costs[rule.exits(runs)].mean()) <= 2.0
+        (0, True)
     """
-    k_exits = scores.shape[1]
+    n, k_exits = scores.shape
     uniform = [np.full(k_exits, (t + 0.5) / k_exits) for t in range(k_exits)]
-    by_t = [float(costs[apply_thresholds(scores, th)].mean()) for th in uniform]
+    per_sample = [costs[apply_thresholds(scores, th)] for th in uniform]  # [n] each
+    by_t = [float(c.mean()) for c in per_sample]
     fitting = [t for t in range(k_exits) if by_t[t] <= target * (1 + BUDGET_RTOL)]
     t = max(fitting) if fitting else 0
     mix = 0.0
     if t < k_exits - 1 and by_t[t + 1] > by_t[t]:
-        mix = float(np.clip((target - by_t[t]) / (by_t[t + 1] - by_t[t]), 0.0, 1.0))
+        ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
+        draws = mix_draws(ids, seed)
+        order = np.argsort(draws, kind="stable")
+        # patience t + 1 never leaves earlier than t, so the cost grows with every sample moved
+        spent = per_sample[t].sum() + np.cumsum((per_sample[t + 1] - per_sample[t])[order])
+        moved = int(np.searchsorted(spent, target * n * (1 + BUDGET_RTOL), side="right"))
+        mix = 1.0 if moved >= n else float(draws[order[moved]])
     return Thresholds(uniform[t], alt=uniform[min(t + 1, k_exits - 1)], mix=mix,
                       mix_seed=seed, diagnostics={"patience": t, "mix": mix,
                                                   "cost_by_patience": by_t})
+

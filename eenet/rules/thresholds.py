@@ -62,6 +62,10 @@ def apply_thresholds(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     if scores.ndim != 2 or scores.shape[1] == 0:
         raise EenetError(f"scores must have shape [n_samples, n_exits], got {scores.shape}")
     check_finite("scores", scores)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    if thresholds.shape not in ((scores.shape[1],), scores.shape):
+        raise EenetError(f"thresholds must have shape ({scores.shape[1]},) or {scores.shape} "
+                         f"to match scores, got {thresholds.shape}")
     passed = scores >= thresholds
     passed[:, -1] = True
     return np.argmax(passed, axis=1).astype(np.int64)
