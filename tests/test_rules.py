@@ -568,16 +568,20 @@ class TestPatience:
         assert abs(rule.val_cost - 2.5) <= 4 * se + 2 * change.max() / 3000
 
     @pytest.mark.parametrize("guard", [False, True])
-    def test_realized_cost_within_a_sample_of_the_target(self, guard):
+    @pytest.mark.parametrize("with_ids", [False, True])
+    def test_realized_cost_within_a_sample_of_the_target(self, guard, with_ids):
         cache = synthetic_cache(3000, n_exits=4, seed=5)
         s = score_cache(PatienceScorer().fit(cache, cache.costs, 3.0), cache)
+        ids = np.random.default_rng(1).permutation(10**6)[:3000] if with_ids else None
         cal = Calibrator(s, cache.correct(), cache.costs, mode="patience", guard=guard,
-                         n_boot=5)
+                         n_boot=5, sample_ids=ids)
         one = (cache.costs[-1] - cache.costs[0]) / cache.n_samples
         for budget in (1.5, 2.0, 2.5, 3.0, 3.5):
             rule = cal.rule(budget)
             assert rule.val_cost <= rule.target * (1 + RTOL)
             assert rule.val_cost >= rule.target - one
+            realized = cache.costs[rule.exits(s, np.arange(3000) if ids is None else ids)]
+            assert rule.val_cost == pytest.approx(realized.mean(), rel=1e-12)
 
 
 class TestStatic:
