@@ -4,7 +4,7 @@ Each bundled model's *validation* cache is split in two stratified, seeded
 halves; every candidate is fitted on one half and scored on the other, at
 the default budgets, and the halves swap roles. The candidates are the
 choices a default has to make: the calibration of the learned scores
-(search, the paper's assignment quotas, the geometric rule), the scoring
+(the geometric rule, the search, the paper's assignment quotas), the scoring
 target and features (``eenet`` vs ``eenet-paper``), and the baselines they
 have to beat.
 
@@ -14,29 +14,34 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
 
 import eenet
-from eenet.cache import read_cache
 from eenet.sweep import run_sweep
 
-CANDIDATES = ["eenet", "eenet:assignment", "eenet:geometric", "eenet-paper",
-              "eenet-paper:search", "maxprob", "maxprob:search", "entropy:search", "oracle"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _caches import bundled_caches  # noqa: E402
+
+CANDIDATES = ["eenet", "eenet:search", "eenet:assignment", "eenet-paper", "eenet-paper:search",
+              "maxprob", "maxprob:search", "entropy:search", "oracle"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="fashion_mnist_cnn4,fashion_mnist_cnn6")
     ap.add_argument("--cache-dir", type=Path, default=Path("cache"))
+    ap.add_argument("--data-dir", type=Path, default=None,
+                    help="Fashion-MNIST idx files (default: the Debian package's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-budgets", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/choose_defaults.csv"))
     args = ap.parse_args()
     tables = []
     for name in args.models.split(","):
-        val = read_cache(args.cache_dir / f"{name}_val.h5")
+        val, _ = bundled_caches(name, args.cache_dir, args.data_dir)
         half_a, half_b = val.holdout_split(0.5, seed=args.seed)
         for fold, (fit_on, score_on) in enumerate(((half_a, half_b), (half_b, half_a))):
             t = run_sweep(fit_on, score_on, n_budgets=args.n_budgets, methods=CANDIDATES,

@@ -45,8 +45,7 @@ def _cached_split(split: str, cache_dir: Path, *, data_dir: Path | None, force: 
             echo(f"rebuilding {path}: {err}")
     echo(f"caching the {split} split of the bundled model to {path} ...")
     cache_model(QUICKSTART_MODEL, f"fashion-mnist:{split}", path, data_dir=data_dir,
-                device=device, costs="measured" if like is None else None,
-                costs_from=like, verbose=verbose, seed=seed)
+                device=device, costs_from=like, verbose=verbose, seed=seed)
     return read_cache(path)
 
 
