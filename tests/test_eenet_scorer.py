@@ -213,9 +213,7 @@ class TestScoring:
         {"features": "paper", "target": "correct"},
         {"features": "paper", "depth": 0},
         {"prob_features": "top", "top_m": 3},
-        pytest.param({"prob_features": "top", "top_m": 12, "depth": 2}, marks=pytest.mark.xfail(
-            strict=True, reason="EENetStream takes topk(top_m) of the probabilities, which "
-            "fails when top_m exceeds the class count (training pads them with zeros)")),
+        {"prob_features": "top", "top_m": 12, "depth": 2},
         {"prob_features": "top", "top_m": 1, "features": "paper"},
     ])
     def test_folded_scoring_equals_the_forward_for_any_weights(self, problem, kwargs):
@@ -265,9 +263,6 @@ class TestScoring:
             with pytest.raises(EenetError, match=r"needs a trained scorer; call fit\(\) first"):
                 call()
 
-    @pytest.mark.xfail(strict=True, reason="start() on an unfitted EENet scorer checks the "
-                       "class count first and says 'the scorer was fitted on 0 classes, got "
-                       "10', not that fit() was skipped")
     def test_start_before_fit_names_the_skipped_step(self, problem):
         with pytest.raises(EenetError, match=r"call fit\(\) first"):
             EENetScorer().start(2, 10)

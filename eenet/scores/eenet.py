@@ -230,6 +230,7 @@ class EENetScorer:
     def start(self, batch: int, n_classes: int, device: torch.device | str = "cpu"
               ) -> dict[str, Tensor]:
         """A fresh state for ``batch`` samples: their history and earlier scores."""
+        self._require("start")
         if n_classes != self._n_classes:
             raise EenetError(f"the scorer was fitted on {self._n_classes} classes, got "
                              f"{n_classes}; fit a policy on a cache of this network")

@@ -166,6 +166,41 @@ def _objective(net: EENetHeads, x: Tensor, q_star: Tensor, r_star: Tensor, costs
     return terms["scoring"], assign, terms["scoring"] + assign
 
 
+def _epoch(net: EENetHeads, opt: _Adam, train: tuple[Tensor, Tensor, Tensor], costs: Tensor,
+           budget: float, cfg: TrainConfig, gen: torch.Generator, step: int
+           ) -> tuple[float, int]:
+    """One pass over the training part in shuffled mini-batches; (mean loss, steps so far)."""
+    x, q_star, r_star = train
+    n = x.shape[0]
+    batch = n if cfg.batch_size is None else min(cfg.batch_size, n)
+    order = torch.randperm(n, generator=gen).to(x.device) if batch < n else None
+    total_loss = torch.zeros((), device=x.device)
+    for begin in range(0, n, batch):
+        rows = slice(begin, begin + batch) if order is None else order[begin:begin + batch]
+        scoring, assign, total = _objective(net, x[rows], q_star[rows], r_star[rows], costs,
+                                            budget, cfg)
+        loss = total if not cfg.alternate else (scoring if step % 2 == 0 else assign)
+        loss.backward()
+        opt.step()
+        step += 1
+        total_loss += total.detach() * min(batch, n - begin)
+    return float(total_loss) / n, step
+
+
+def _holdout_loss(net: EENetHeads, held: tuple[Tensor, Tensor, Tensor], costs: Tensor,
+                  budget: float, cfg: TrainConfig) -> dict[str, float]:
+    """The objective's terms and total on the held-out part, without gradients."""
+    x, q_star, r_star = held
+    with torch.no_grad():
+        q_logit, z = net(x)
+        terms = loss_terms(q_logit, z, q_star, r_star, costs, budget,
+                           detach_weights=cfg.detach_weights)
+    parts = {key: float(value) for key, value in terms.items()}
+    parts["total"] = parts["scoring"] + cfg.alpha_ce * parts["assignment"] \
+        + cfg.alpha_budget * parts["budget"]
+    return parts
+
+
 def train_heads(net: EENetHeads, features: Tensor, correct: Tensor, costs: Tensor,
                 budget: float, train_idx: Tensor, hold_idx: Tensor, cfg: TrainConfig, *,
                 seed: int, verbose: bool = False) -> dict[str, Any]:
@@ -196,16 +231,13 @@ def train_heads(net: EENetHeads, features: Tensor, correct: Tensor, costs: Tenso
     """
     q_star = score_targets(correct, cfg.target, dtype=torch.float32)
     r_star = assignment_targets(correct, dtype=torch.float32)
-    x_train, q_train, r_train = features[train_idx], q_star[train_idx], r_star[train_idx]
+    train = (features[train_idx], q_star[train_idx], r_star[train_idx])
     on_holdout = hold_idx.numel() > 0
     hold = hold_idx if on_holdout else train_idx
-    x_hold, q_hold, r_hold = features[hold], q_star[hold], r_star[hold]
+    held = (features[hold], q_star[hold], r_star[hold])
     params = list(net.parameters())
     opt = _Adam(params, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    n_train = x_train.shape[0]
-    batch = n_train if cfg.batch_size is None else min(cfg.batch_size, n_train)
-
     train_curve: list[float] = []
     hold_curve: list[float] = []
     best_loss, best_epoch, best_parts = math.inf, -1, {}
@@ -213,41 +245,22 @@ def train_heads(net: EENetHeads, features: Tensor, correct: Tensor, costs: Tenso
     step, stale = 0, 0
     bar = tqdm(range(cfg.epochs), disable=not verbose, desc="eenet fit", leave=False)
     for epoch in bar:
-        order = torch.randperm(n_train, generator=gen).to(x_train.device) if batch < n_train \
-            else None
-        epoch_loss = torch.zeros((), device=x_train.device)
-        for begin in range(0, n_train, batch):
-            rows = slice(begin, begin + batch) if order is None else order[begin:begin + batch]
-            scoring, assign, total = _objective(net, x_train[rows], q_train[rows],
-                                                r_train[rows], costs, budget, cfg)
-            loss = total if not cfg.alternate else (scoring if step % 2 == 0 else assign)
-            loss.backward()
-            opt.step()
-            step += 1
-            epoch_loss += total.detach() * min(batch, n_train - begin)
-        train_curve.append(float(epoch_loss) / n_train)
-        with torch.no_grad():
-            q_logit, z = net(x_hold)
-            terms = loss_terms(q_logit, z, q_hold, r_hold, costs, budget,
-                               detach_weights=cfg.detach_weights)
-        parts = {"scoring": float(terms["scoring"]), "assignment": float(terms["assignment"]),
-                 "budget": float(terms["budget"])}
-        hold_loss = parts["scoring"] + cfg.alpha_ce * parts["assignment"] \
-            + cfg.alpha_budget * parts["budget"]
-        parts["total"] = hold_loss
-        hold_curve.append(hold_loss)
-        if not math.isfinite(hold_loss):
+        loss, step = _epoch(net, opt, train, costs, budget, cfg, gen, step)
+        train_curve.append(loss)
+        parts = _holdout_loss(net, held, costs, budget, cfg)
+        hold_curve.append(parts["total"])
+        if not math.isfinite(parts["total"]):
             logger.warning("eenet fit: non-finite holdout loss at epoch %d; keeping the best "
                            "weights so far", epoch)
             break
-        if hold_loss < best_loss - cfg.tol * abs(best_loss) or not math.isfinite(best_loss):
-            best_loss, best_epoch, best_parts = hold_loss, epoch, parts
+        if parts["total"] < best_loss - cfg.tol * abs(best_loss) \
+                or not math.isfinite(best_loss):
+            best_loss, best_epoch, best_parts, stale = parts["total"], epoch, parts, 0
             for kept, p in zip(best_state, params):
                 kept.copy_(p.detach())
-            stale = 0
         else:
             stale += 1
-        bar.set_postfix(train=f"{train_curve[-1]:.4f}", holdout=f"{hold_loss:.4f}")
+        bar.set_postfix(train=f"{loss:.4f}", holdout=f"{parts['total']:.4f}")
         if stale >= cfg.patience:
             break
     bar.close()

@@ -137,7 +137,7 @@ class EENetStream:
         if k > 0:
             self._catch_up(state)
         p = torch.softmax(logits.float(), dim=1)
-        top = p.topk(self.n_top, dim=1)
+        top = p.topk(min(self.n_top, p.shape[1]), dim=1)  # _first pads a short top-m
         values, pred = top.values, top.indices[:, 0]
         entropy = torch.special.entr(p).sum(dim=1, keepdim=True)
         hist = state["hist"]
