@@ -161,7 +161,8 @@ class Calibrator:
         the other modes: the rule at each of ``n_ladder`` costs spaced evenly
         from the first exit's to the last's. Each is fitted on this
         calibrator's data without the guard, and the family ends with
-        everyone at the last exit (the full model), the safest candidate.
+        everyone at the last exit (the full model), the safest candidate. Each
+        carries its cost and accuracy on this calibrator's data.
         """
         costs = self.costs
         if self.mode == "search":
@@ -175,8 +176,16 @@ class Calibrator:
                 warnings.simplefilter("ignore")
                 rules = [self._fit_at(float(t), self.scores, self.correct, self.ids)
                          for t in np.linspace(costs[0], costs[-1], n_ladder)]
-        full = np.full(costs.size, np.inf)
-        return [r.with_record(mix_seed=self.seed) for r in rules] + [Thresholds(full)]
+        rules.append(Thresholds(np.full(costs.size, np.inf)))
+        rows = np.arange(self.scores.shape[0])
+        recorded = []
+        for rule in rules:
+            rule = rule.with_record(mix_seed=self.seed)
+            exits = rule.exits(self.scores, self.ids)
+            recorded.append(rule.with_record(
+                mode=self.mode, val_cost=float(costs[exits].mean()),
+                val_accuracy=float(self.correct[rows, exits].mean())))
+        return recorded
 
     # ---- search ----------------------------------------------------------------
     def family(self) -> SearchFamily:

@@ -92,7 +92,8 @@ def certified_rule(candidates: list[Thresholds], scores: np.ndarray, costs: np.n
 
     Args:
         candidates: rules ordered from the cheapest to the full model, fitted
-            without the certification samples.
+            without the certification samples, with their accuracy there
+            (``val_accuracy``) to choose among those certified for a budget.
         scores: [n_cert, n_exits] scores of the certification samples.
         costs: [n_exits] the costs charged (the policy's own included).
         sample_ids: [n_cert] their ids (mixed rules pick samples by id).
@@ -143,8 +144,14 @@ def certified_rule(candidates: list[Thresholds], scores: np.ndarray, costs: np.n
         values = np.full(candidates[0].n_exits, np.inf)
         record["fallback"] = "full model"
         return Thresholds(values, diagnostics={"certified": record})
-    # with a budget, the most accurate that passes; with a risk alone, the cheapest
-    pick = int(passing.max() if guarantee.confidence is not None else passing.min())
+    # with a budget, the most accurate on the family's own data that passes (the fixed
+    # sequence certifies every candidate it passed, so any of them may be chosen; ties go
+    # to the cheaper); with a risk alone, the cheapest that passes
+    if guarantee.confidence is not None:
+        accuracy = np.array([c.val_accuracy for c in candidates])[passing]
+        pick = int(passing[np.argmax(np.nan_to_num(accuracy, nan=-1.0))])
+    else:
+        pick = int(passing.min())
     record["candidate"] = pick
     record["n_candidates"] = len(candidates)
     chosen = candidates[pick]
