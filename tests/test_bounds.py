@@ -14,9 +14,6 @@ from eenet._validation import EenetError
 from eenet.rules.bounds import (
     PVALUE_BOUNDS,
     UCB_BOUNDS,
-    crc_risks,
-    crc_select,
-    fixed_sequence_test,
     hb_pvalue,
     hb_ucb,
     hoeffding_pvalue,
@@ -26,6 +23,7 @@ from eenet.rules.bounds import (
     wsr_pvalue,
     wsr_ucb,
 )
+from eenet.rules.certify import crc_risks, crc_select, fixed_sequence_test
 
 BOUNDS = sorted(UCB_BOUNDS)
 DELTAS = (0.01, 0.02, 0.05, 0.1, 0.2)

@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eenet._validation import EenetError
-from eenet.rules.bounds import crc_risks, hb_pvalue, ucb
+from eenet.rules.bounds import hb_pvalue, ucb
 from eenet.rules.certify import (
+    crc_risks,
     COST_BOUNDS,
     RISK_BOUNDS,
     Certificate,

@@ -9,8 +9,11 @@ and risk-controlled exits), at the level of arrays:
   :func:`hb_pvalue`) and Waudby-Smith-Ramdas betting (:func:`wsr_ucb`,
   :func:`wsr_pvalue`), all resolved by name through :data:`UCB_BOUNDS`
   (:func:`ucb`, :func:`pvalue`);
-- conformal risk control (:func:`crc_risks`, :func:`crc_select`);
-- Learn-then-Test's fixed-sequence test (:func:`fixed_sequence_test`).
+
+Conformal risk control and fixed-sequence testing, which select within a
+family using these, are in :mod:`eenet.rules.certify`. The module holds the
+three bounds together (about 540 lines, most of it the formulas in the
+docstrings) because they share their validation and rescaling.
 
 Every bound assumes that the values are i.i.d. draws from one population and
 lie in an interval ``[low, high]`` known before the data are seen (for a cost,
@@ -39,9 +42,6 @@ __all__ = [
     "BoundName",
     "UCB_BOUNDS",
     "PVALUE_BOUNDS",
-    "crc_risks",
-    "crc_select",
-    "fixed_sequence_test",
     "hb_pvalue",
     "hb_ucb",
     "hoeffding_pvalue",
@@ -539,132 +539,3 @@ def pvalue(x: Any, alpha: float, *, bound: BoundName = "hb", low: float = 0.0,
     if bound == "wsr":
         return wsr_pvalue(x, alpha, low=low, high=high, tune_delta=tune_delta, seed=seed)
     return PVALUE_BOUNDS[bound](x, alpha, low=low, high=high)
-
-
-# ---------------------------------------------------------------------------
-# conformal risk control and fixed-sequence testing
-# ---------------------------------------------------------------------------
-def crc_risks(losses: Any, loss_bound: float) -> np.ndarray:
-    """Conformal risk control's inflated empirical risk of each candidate.
-
-    For candidates ordered from the safest (row 0) to the riskiest, each
-    sample's loss is first made non-decreasing along the rows
-    (``max`` over the safer candidates, the monotone envelope of Angelopoulos
-    et al., which only raises losses), then::
-
-        (n / (n + 1)) * R_hat + B / (n + 1)
-
-    with ``R_hat`` the mean loss over the ``n`` samples and ``B`` =
-    ``loss_bound`` the largest possible loss (Angelopoulos, Bates, Fisch,
-    Lei, Schuster, "Conformal Risk Control", ICLR 2024, Theorem 1).
-
-    Args:
-        losses: ``[n_candidates, n_samples]``, at most ``loss_bound``; may be
-            negative.
-        loss_bound: ``B``, the largest loss any sample can have.
-
-    Returns:
-        ``[n_candidates]``, non-decreasing; ``B`` for every row when ``n_samples = 0``.
-
-    Example:
-        >>> crc_risks([[0, 0, 0], [0, 1, 0]], 1.0).tolist()
-        [0.25, 0.5]
-    """
-    bound = check_number("loss_bound", loss_bound)
-    arr = _loss_matrix(losses, bound)
-    n = arr.shape[1]
-    if n == 0:
-        return np.full(arr.shape[0], bound)
-    envelope = np.maximum.accumulate(arr, axis=0)  # [n_candidates, n_samples]
-    return (envelope.sum(axis=1) + bound) / (n + 1)  # = (n/(n+1)) R_hat + B/(n+1)
-
-
-def _loss_matrix(losses: Any, bound: float) -> np.ndarray:
-    try:
-        arr = np.asarray(losses, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise EenetError(f"losses must be an array of numbers, got "
-                         f"{type(losses).__name__}") from None
-    if arr.ndim != 2 or arr.shape[0] == 0:
-        raise EenetError(f"losses must have shape [n_candidates, n_samples] with at least "
-                         f"one candidate, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise EenetError(f"losses contains {int(np.sum(~np.isfinite(arr)))} non-finite "
-                         f"values; every loss must be a finite number <= {bound:g}")
-    if arr.size and arr.max() > bound + _RANGE_RTOL * max(1.0, abs(bound)):
-        raise EenetError(f"losses has a largest value {arr.max():g} above loss_bound "
-                         f"{bound:g}; every loss must be <= loss_bound")
-    return np.minimum(arr, bound)
-
-
-def crc_select(losses: Any, epsilon: float, loss_bound: float) -> int | None:
-    """The riskiest candidate that conformal risk control admits at level ``epsilon``.
-
-    Candidates are ordered from the safest (row 0) to the riskiest, so that
-    each sample's loss is non-decreasing along the rows (where it is not, the
-    monotone envelope of :func:`crc_risks` is used, which keeps the
-    guarantee). The selected row is the last of the leading rows with
-    ``(n/(n+1)) R_hat + B/(n+1) <= epsilon`` (Angelopoulos, Bates, Fisch, Lei,
-    Schuster, "Conformal Risk Control", ICLR 2024, Theorem 1).
-
-    Guarantee: for exchangeable samples, ``E[loss of a new sample under the
-    selected candidate] <= epsilon`` (in expectation over the calibration data
-    and the new sample, not with high probability). ``None`` means not even
-    row 0 passes; the theorem then selects row 0, which keeps the guarantee
-    only when row 0's loss is at most ``epsilon`` on every sample (as for
-    everyone at the last exit with a risk measured against it).
-
-    Args:
-        losses: ``[n_candidates, n_samples]``, at most ``loss_bound``; may be
-            negative.
-        epsilon: the risk level.
-        loss_bound: ``B``, the largest loss any sample can have.
-
-    Returns:
-        The selected row, or ``None``.
-
-    Example:
-        >>> crc_select([[0] * 9, [0] * 8 + [1], [1] * 9], 0.2, 1.0)
-        1
-    """
-    epsilon = check_number("epsilon", epsilon)
-    failed = np.flatnonzero(crc_risks(losses, loss_bound) > epsilon)
-    count = int(failed[0]) if failed.size else None
-    if count is None:
-        return len(np.asarray(losses)) - 1
-    return count - 1 if count else None
-
-
-def fixed_sequence_test(pvalues: Any, delta: float) -> int:
-    """How many hypotheses, taken in their fixed order, a fixed-sequence test rejects.
-
-    Reject ``H_0``, ``H_1``, ... while their p-values are ``<= delta`` and stop
-    at the first that is not. Learn-then-Test uses it with the candidates in
-    an order fixed before the data are seen, safest first (Angelopoulos,
-    Bates, Candes, Jordan, Lei, "Learn then Test: Calibrating Predictive
-    Algorithms to Achieve Risk Control", 2021).
-
-    Guarantee: if every p-value is valid, the family-wise error rate (the
-    chance of rejecting any true null) is at most ``delta``, without any
-    correction for the number of hypotheses: a true null can only be rejected
-    after every hypothesis before it was, and the first true null is rejected
-    with probability at most ``delta``.
-
-    Args:
-        pvalues: ``[n_hypotheses]`` in testing order.
-        delta: the family-wise error rate, in (0, 1).
-
-    Returns:
-        ``k``: the hypotheses ``0 .. k-1`` are rejected (0 when the first is not).
-
-    Example:
-        >>> fixed_sequence_test([0.01, 0.04, 0.2, 0.01], 0.05)
-        2
-    """
-    delta = _check_delta(delta)
-    p = np.asarray(pvalues, dtype=np.float64)
-    if p.ndim != 1 or np.any(np.isnan(p)):
-        raise EenetError(f"pvalues must be a 1-D array of numbers without NaN, got shape "
-                         f"{p.shape}")
-    failed = np.flatnonzero(~(p <= delta))
-    return int(failed[0]) if failed.size else int(p.size)
