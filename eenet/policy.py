@@ -19,6 +19,7 @@ import copy
 import io
 import math
 import os
+import zipfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -405,10 +406,14 @@ class ExitPolicy:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several unrelated types for damaged files
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            if "Weights only load failed" in first:
-                first = "it holds objects other than tensors and plain containers"
-            raise EenetError(f"{path}: not a readable policy file ({first}); it is corrupt or "
+            text = str(err)
+            if "Unsupported global" in text:
+                why = "it holds Python objects, not only tensors and plain containers"
+            elif "Weights only load failed" in text or not zipfile.is_zipfile(path):
+                why = "not a torch.save archive, or a damaged one"
+            else:
+                why = (text.strip().splitlines() or [type(err).__name__])[0]
+            raise EenetError(f"{path}: not a readable policy file ({why}); it is corrupt or "
                              f"not made by `eenet fit`") from None
         return cls.from_state(state, source=str(path))
 
