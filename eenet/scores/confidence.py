@@ -75,8 +75,8 @@ class MaxProbScorer(_FixedScorer):
 
     Example:
         >>> s = MaxProbScorer()
-        >>> s.score_exit(0, torch.tensor([[0.0, 2.0]]), s.start(1, 2)).round(decimals=4).tolist()
-        [0.8808]
+        >>> round(float(s.score_exit(0, torch.tensor([[0.0, 2.0]]), s.start(1, 2))), 4)
+        0.8808
     """
 
     name: ClassVar[str] = "maxprob"
