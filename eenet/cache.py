@@ -72,9 +72,10 @@ from eenet import __version__
 from eenet._validation import (CacheError, EenetError, atomic_output, check_costs,
                                check_labels, check_number)
 
-__all__ = ["CacheCosts", "CacheWriter", "ChunkBuffer", "ExitCache", "FORMAT_NAME", "FORMAT_VERSION",
-           "chunk_rows_for", "encode_chunk", "iter_encoded_chunks", "merge_shards",
-           "read_cache", "read_costs", "stratified_split", "summarize_cache", "write_cache"]
+__all__ = ["CacheCosts", "CacheWriter", "ChunkBuffer", "ExitCache", "FORMAT_NAME",
+           "FORMAT_VERSION", "check_output_path", "chunk_rows_for", "encode_chunk",
+           "iter_encoded_chunks", "merge_shards", "read_cache", "read_costs", "stratified_split",
+           "summarize_cache", "write_cache"]
 
 FORMAT_NAME = "eenet-exit-cache"
 SHARD_FORMAT = "eenet-exit-cache-shard"
@@ -84,6 +85,27 @@ _CHUNK_BYTES = 1 << 20  # ~1 MiB of logits per HDF5 chunk
 _READ_ROWS_BYTES = 64 << 20  # rows per block when reading or scanning
 _SUMMARY_ROWS_BYTES = 4 << 20  # rows per block when only arg-max is kept
 _MIN_LABEL_CHUNK = 8192
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path``, refused at once if it is a directory or its directory is missing.
+
+    Raises:
+        CacheError: naming the path and the fix.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CacheError(f"{path}: is a directory; give a file name such as "
+                         f"{path / 'val.h5'}")
+    if not path.parent.is_dir():
+        raise CacheError(f"{path}: output directory {path.parent} does not exist; create it "
+                         f"first (mkdir -p {path.parent})")
+    return path
 
 
 def _rows_per_block(n_exits: int, n_classes: int, itemsize: int, target: int) -> int:
@@ -632,17 +654,11 @@ class CacheWriter:
                  attrs: Mapping[str, Any] | None = None, compression: str | None = "gzip",
                  with_sample_ids: bool = False, chunk_rows: int | None = None,
                  expected_rows: int | None = None, shard: bool = False) -> None:
-        self.path = Path(path)
+        self.path = check_output_path(path)
         if dtype not in ("float32", "float16"):
             raise EenetError(f"unknown dtype {dtype!r}; choose one of: float16, float32")
         if compression not in ("gzip", None):
             raise EenetError(f"compression must be 'gzip' or None, got {compression!r}")
-        if not self.path.parent.is_dir():
-            raise CacheError(f"{self.path}: output directory {self.path.parent} does not "
-                             f"exist; create it first (mkdir -p {self.path.parent})")
-        if self.path.is_dir():
-            raise CacheError(f"{self.path}: is a directory; give a file name such as "
-                             f"{self.path / 'val.h5'}")
         self.n_exits, self.n_classes = int(n_exits), int(n_classes)
         self.dtype = np.dtype(dtype)
         self.logits_kind = logits_kind
@@ -711,9 +727,8 @@ class CacheWriter:
         except (OSError, RuntimeError, ValueError, KeyError) as err:
             if self._guard is not None and self._guard.error is not None:
                 raise self._guard.error from None
-            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CacheError(f"{self.path}: HDF5 could not {what} ({text}); check the disk "
-                             f"and write to another path") from None
+            raise CacheError(f"{self.path}: HDF5 could not {what} ({_first_line(err)}); check "
+                             f"the disk and write to another path") from None
         if self._guard is not None and self._guard.error is not None:
             raise self._guard.error
         return out
@@ -877,7 +892,7 @@ def iter_encoded_chunks(path: str | os.PathLike
                 mask, data = ds.id.read_direct_chunk((start, 0, 0))
             except (OSError, RuntimeError, KeyError) as err:
                 raise CacheError(f"{path}: chunk at row {start} of 'logits' cannot be read "
-                                 f"({str(err).splitlines()[0]}); the file is damaged, "
+                                 f"({_first_line(err)}); the file is damaged, "
                                  f"rebuild it") from None
             if mask:
                 raise CacheError(f"{path}: chunk at row {start} was stored with filters "
@@ -961,7 +976,7 @@ class _open_checked:
         try:
             self.f = h5py.File(path, "r")
         except OSError as err:
-            raise CacheError(f"{path}: cannot open the HDF5 file ({str(err).splitlines()[0]});"
+            raise CacheError(f"{path}: cannot open the HDF5 file ({_first_line(err)});"
                              f" it is corrupt, rebuild it") from None
         fmt = self.f.attrs.get("format")
         fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
@@ -998,7 +1013,7 @@ def _read_dataset(f: h5py.File, path: Path, key: str, rows: slice | None = None)
         return ds[()] if rows is None else ds[rows]
     except (OSError, ValueError, TypeError) as err:
         raise CacheError(f"{path}: dataset {key!r} cannot be read, the file is corrupt "
-                         f"({str(err).splitlines()[0]}); rebuild it") from None
+                         f"({_first_line(err)}); rebuild it") from None
 
 
 def _read_meta(f: h5py.File, path: Path) -> dict[str, Any]:

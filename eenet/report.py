@@ -141,6 +141,13 @@ def plot_sweep(table: pd.DataFrame, path: str | os.PathLike, *, cost_unit: str =
     ax.set_title(title or "accuracy vs cost")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8, frameon=True)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    """Write a figure as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
         with atomic_output(path) as tmp:
@@ -220,10 +227,4 @@ def plot_risk_sweep(table: pd.DataFrame, path: str | os.PathLike, *, risk: str,
         ax.grid(alpha=0.3)
     left.legend(fontsize=8)
     fig.suptitle(title or f"risk control: {risk} against the full model")
-    fig.tight_layout()
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

@@ -422,7 +422,7 @@ class TestValidation:
         ({"batch_size": 0}, "batch_size must be an integer >= 1"),
         ({"target": "right"}, "unknown target 'right'; choose one of: correct, no_regret"),
         ({"features": "all"}, "unknown features 'all'; choose one of: agreement, paper"),
-        ({"width": 3}, "unknown EENet hyperparameter 'width'; choose from: hidden, depth"),
+        ({"width": 3}, "unknown EENet hyperparameter 'width'; choose from: .*hidden"),
         ({"device": "gpu0"}, "device must be a torch device"),
     ])
     def test_bad_hyperparameters(self, kwargs, match):

@@ -23,10 +23,12 @@ _MODEL_OPTIONS = [
 ]
 
 
-def _model_options(fn):
+def _policy_and_model(fn):
+    """The POLICY argument and the options that load the network and the data."""
     for option in reversed(_MODEL_OPTIONS):
         fn = option(fn)
-    return fn
+    return click.argument("policy_path", metavar="POLICY",
+                          type=click.Path(exists=True, dir_okay=False, path_type=Path))(fn)
 
 
 def _served(policy_path: Path, model_spec: str, weights: Path | None, device: str):
@@ -41,9 +43,7 @@ def _served(policy_path: Path, model_spec: str, weights: Path | None, device: st
 @main.command(epilog="Example: eenet run policy.pt --model "
                      "eenet.examples.models:fashion_mnist_cnn4 --data fashion-mnist:test "
                      "--out results/predictions.csv")
-@click.argument("policy_path", metavar="POLICY",
-                type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@_model_options
+@_policy_and_model
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="CSV with one row per sample: sample, prediction, exit, score, label.")
 @click.pass_context
@@ -78,9 +78,7 @@ def run(ctx: click.Context, policy_path: Path, model_spec: str, weights: Path | 
 @main.command(epilog="Example: eenet bench policy.pt --model "
                      "eenet.examples.models:fashion_mnist_cnn4 --data fashion-mnist:test "
                      "--limit 2000")
-@click.argument("policy_path", metavar="POLICY",
-                type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@_model_options
+@_policy_and_model
 @click.option("--batch1-samples", type=click.IntRange(1), default=1000, show_default=True,
               help="Samples timed one at a time.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON row.")

@@ -23,6 +23,7 @@ import numpy as np
 
 from eenet._validation import EenetError, check_costs, check_labels, parse_costs
 from eenet.cache import ExitCache, write_cache
+from eenet.ingest.resolve import first_line
 
 Layout = Literal["nkc", "knc"]
 _PROB_FLOOR = 1e-30  # log(0) would be -inf; anything this small is "impossible" already
@@ -31,7 +32,7 @@ _PROB_FLOOR = 1e-30  # log(0) would be -inf; anything this small is "impossible"
 def _load_any(path: Path, what: str) -> Any:
     """Load an ``.npz``, ``.npy``, ``.pt``/``.pth`` or text file into numpy-friendly objects."""
     if not path.is_file():
-        raise EenetError(f"{what} file {path} does not exist")
+        raise EenetError(f"{what} file {path} does not exist; check the path")
     suffix = path.suffix.lower()
     try:
         if suffix == ".npz":
@@ -46,12 +47,11 @@ def _load_any(path: Path, what: str) -> Any:
         if suffix in (".txt", ".csv"):
             return np.loadtxt(path, delimiter="," if suffix == ".csv" else None)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise EenetError(f"{what} file {path} cannot be read ({first}); is it corrupt?") from None
+        raise EenetError(f"{what} file {path} cannot be read ({first_line(err)}); is it "
+                         f"corrupt? Save it again") from None
     except Exception as err:  # torch's unpickler raises its own error types
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise EenetError(f"{what} file {path} cannot be loaded with weights_only=True "
-                         f"({first}); save plain tensors, lists or dicts") from None
+                         f"({first_line(err)}); save plain tensors, lists or dicts") from None
     raise EenetError(f"{what} file {path} has an unsupported extension {suffix!r}; "
                      f"use .npz, .npy, .pt or .pth")
 

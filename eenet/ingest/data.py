@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from eenet._validation import EenetError
+from eenet._validation import EenetError, check_labels
 from eenet.ingest.resolve import call_factory, describe, first_line, import_object, parameters
 
 __all__ = ["DatasetLoader", "check_item", "dataset_split", "load_dataset", "register_dataset",
@@ -148,16 +148,9 @@ def _load_npz(path: Path) -> Any:
     if y.ndim != 1 or x.ndim < 1 or x.shape[0] != y.shape[0]:
         raise EenetError(f"{path}: 'y' must be [n_samples] and 'x' [n_samples, ...], got "
                          f"x {list(x.shape)} and y {list(y.shape)}")
-    if not np.issubdtype(y.dtype, np.integer):
-        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and \
-                np.all(y == np.round(y)):
-            y = y.astype(np.int64)
-        else:
-            raise EenetError(f"{path}: 'y' must hold integer class labels, got dtype "
-                             f"{y.dtype}")
-    if y.size and y.min() < 0:
-        raise EenetError(f"{path}: 'y' holds negative labels (min {y.min()}); labels are "
-                         f"class indices from 0")
+    # Class count unknown here: any non-negative integer label is accepted.
+    n_classes = int(np.nanmax(y)) + 1 if y.size and np.isfinite(y).all() else 1
+    y = check_labels(y, y.shape[0], max(n_classes, 1), where=f"{path}: 'y' ")
     # Floating inputs go to the model as float32; integer inputs (token ids) stay as stored.
     x_t = torch.from_numpy(x.astype(np.float32) if np.issubdtype(x.dtype, np.floating)
                            else x)

@@ -35,8 +35,8 @@ from torch import nn
 from torch.utils.data import IterableDataset, default_collate
 from tqdm.auto import tqdm
 
-from eenet._validation import CacheError, EenetError, check_int, resolve_device, seeded
-from eenet.cache import chunk_rows_for
+from eenet._validation import EenetError, check_int, resolve_device, seeded
+from eenet.cache import check_output_path, chunk_rows_for
 from eenet.ingest.data import check_item, dataset_split, load_dataset
 from eenet.ingest.distributed import (distributed_context, process_group,
                                       remove_stale_shards, step)
@@ -294,16 +294,6 @@ def _prepare(model_spec: str, data_spec: str, opts: CacheOptions,
                 split)
 
 
-def _check_out(out: str | os.PathLike) -> Path:
-    out = Path(out)
-    if out.is_dir():
-        raise CacheError(f"{out}: is a directory; give a file name such as {out / 'val.h5'}")
-    if not out.parent.is_dir():
-        raise CacheError(f"{out}: output directory {out.parent} does not exist; create it "
-                         f"first (mkdir -p {out.parent})")
-    return out
-
-
 def cache_model(model_spec: str, data_spec: str, out: str | os.PathLike,
                 options: CacheOptions | None = None, **kwargs: Any) -> Path:
     """Run a frozen multi-exit model on a dataset split and write its exit cache.
@@ -333,7 +323,7 @@ def cache_model(model_spec: str, data_spec: str, out: str | os.PathLike,
         CacheError: the output directory does not exist.
     """
     opts = options_from(options, dict(kwargs))
-    out = _check_out(out)
+    out = check_output_path(out)
     ctx = distributed_context(opts.distributed, opts.device)
     dev = ctx.device if ctx is not None else resolve_device(opts.device)
     partial = PartialRun(out)

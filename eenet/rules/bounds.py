@@ -294,19 +294,7 @@ def hb_ucb(x: Any, delta: float, *, low: float = 0.0, high: float = 1.0) -> Any:
     Guarantee: for i.i.d. values in ``[low, high]`` with mean ``mu``,
     ``P(mu > UCB) <= delta``. Never above :func:`hoeffding_ucb`, up to that
     rounding (Pinsker's inequality makes the HB p-value at most Hoeffding's).
-
-    Args:
-        x: values, ``[n_samples]`` or ``[n_rows, n_samples]``.
-        delta: miss probability, in (0, 1).
-        low: smallest possible value, known in advance.
-        high: largest possible value, known in advance.
-
-    Returns:
-        The bound (a float, or ``[n_rows]``); ``high`` when ``n_samples = 0``.
-
-    Raises:
-        EenetError: ``delta`` outside (0, 1), ``low >= high``, or values outside
-            ``[low, high]`` or not finite.
+    Arguments, result and errors as for :func:`hoeffding_ucb`.
 
     Example:
         >>> round(hb_ucb([0] * 100, 0.1), 4)  # all zeros: 1 - delta ** (1 / n)

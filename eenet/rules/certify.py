@@ -283,14 +283,7 @@ def crc_risks(losses: Any, loss_bound: float) -> np.ndarray:
 
 
 def _loss_matrix(losses: Any, bound: float) -> np.ndarray:
-    try:
-        arr = np.asarray(losses, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise EenetError(f"losses must be an array of numbers, got "
-                         f"{type(losses).__name__}") from None
-    if arr.ndim != 2 or arr.shape[0] == 0:
-        raise EenetError(f"losses must have shape [n_candidates, n_samples] with at least "
-                         f"one candidate, got shape {arr.shape}")
+    arr = _check_matrix("losses", losses)
     if not np.all(np.isfinite(arr)):
         raise EenetError(f"losses contains {int(np.sum(~np.isfinite(arr)))} non-finite "
                          f"values; every loss must be a finite number <= {bound:g}")

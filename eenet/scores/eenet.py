@@ -65,32 +65,18 @@ _FEATURE_ROWS_BYTES = 32 << 20  # logits per block when computing features of a 
 
 
 @dataclass(frozen=True)
-class EENetConfig:
-    """Hyperparameters of :class:`EENetScorer`.
+class EENetConfig(TrainConfig):
+    """Hyperparameters of :class:`EENetScorer`: the optimisation settings of
+    :class:`~eenet.scores.eenet_heads.TrainConfig`, and
 
     Attributes:
         hidden: width of every hidden layer.
         depth: hidden layers per head (0 gives a linear head).
-        epochs: maximum passes over the training part.
-        lr: Adam learning rate.
-        weight_decay: Adam (L2) weight decay.
-        alpha_ce: weight of the assignment loss ``L_ce``.
-        alpha_budget: weight of the budget loss ``L_budget``.
-        batch_size: samples per step; ``None`` trains full batch.
         holdout: share of the fit data held out (stratified, seeded) for early
             stopping, in [0, 1); 0 stops on the training loss.
-        patience: epochs without a holdout improvement before stopping.
-        tol: relative holdout-loss decrease that counts as an improvement.
-        alternate: alternate steps between the scoring term and the
-            assignment terms, as the paper does, instead of stepping on
-            their sum (the detached weights keep each term on its own heads
-            either way; alternating halves each group's updates).
         prob_features: ``"full"`` (the probability vector, as in the paper),
             ``"top"`` (the ``top_m`` largest, sorted) or ``"auto"``.
         top_m: probabilities kept by ``"top"``.
-        detach_weights: detach the scoring-loss weights from the assignment.
-        target: ``"no_regret"`` (default), ``"correct"`` (the paper) or
-            ``"no_regret_last"``; see :func:`eenet.scores.eenet_losses.score_targets`.
         features: ``"agreement"`` (default: the paper's plus four agreement
             features) or ``"paper"``.
         device: torch device for training and scoring.
@@ -101,20 +87,9 @@ class EENetConfig:
 
     hidden: int = 32
     depth: int = 1
-    epochs: int = 200
-    lr: float = 2e-2
-    weight_decay: float = 1e-4
-    alpha_ce: float = 1.0
-    alpha_budget: float = 1.0
-    batch_size: int | None = 1024
     holdout: float = 0.2
-    patience: int = 5
-    tol: float = 1e-3
-    alternate: bool = False
     prob_features: Literal["auto", "full", "top"] = "auto"
     top_m: int = 16
-    detach_weights: bool = True
-    target: str = "no_regret"
     features: Literal["agreement", "paper"] = "agreement"
     device: str = "cpu"
     num_threads: int | None = 1
@@ -138,11 +113,8 @@ class EENetConfig:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """The hyperparameter names, for error messages."""
-        return tuple(cls.__dataclass_fields__)
+        return tuple(sorted(cls.__dataclass_fields__))
 
-    def train_config(self) -> TrainConfig:
-        keys = TrainConfig.__dataclass_fields__
-        return TrainConfig(**{k: v for k, v in asdict(self).items() if k in keys})
 
 
 class EENetScorer:
@@ -298,7 +270,7 @@ class EENetScorer:
             net = EENetHeads(cache.n_exits, self.in_dim, cfg.hidden, cfg.depth).to(device)
             history = train_heads(net, features, correct, costs_t, budget / scale,
                                   torch.from_numpy(train_idx).to(device),
-                                  torch.from_numpy(hold_idx).to(device), cfg.train_config(),
+                                  torch.from_numpy(hold_idx).to(device), cfg,
                                   seed=seed, verbose=verbose)
             with torch.no_grad():
                 r = torch.softmax(net(features)[1].double(), dim=1).mean(dim=0)

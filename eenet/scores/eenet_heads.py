@@ -111,7 +111,25 @@ class EENetHeads(nn.Module):
 # ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings of :func:`train_heads` (see ``EENetScorer`` for each)."""
+    """Optimisation settings of :func:`train_heads`.
+
+    Attributes:
+        epochs: maximum passes over the training part.
+        lr: Adam learning rate.
+        weight_decay: Adam (L2) weight decay.
+        alpha_ce: weight of the assignment loss ``L_ce``.
+        alpha_budget: weight of the budget loss ``L_budget``.
+        batch_size: samples per step; ``None`` trains full batch.
+        patience: epochs without a holdout improvement before stopping.
+        tol: relative holdout-loss decrease that counts as an improvement.
+        alternate: alternate steps between the scoring term and the
+            assignment terms, as the paper does, instead of stepping on
+            their sum (the detached weights keep each term on its own heads
+            either way; alternating halves each group's updates).
+        detach_weights: detach the scoring-loss weights from the assignment.
+        target: ``"no_regret"`` (default), ``"correct"`` (the paper) or
+            ``"no_regret_last"``; see :func:`eenet.scores.eenet_losses.score_targets`.
+    """
 
     epochs: int = 200
     lr: float = 2e-2
