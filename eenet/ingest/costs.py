@@ -36,7 +36,7 @@ from eenet.ingest.forward import batch_len, exit_logits, forward, grad_off, sele
 logger = logging.getLogger(__name__)
 
 __all__ = ["ChosenCosts", "CostChoice", "CostReport", "choose_costs", "costs_from_cache",
-           "measure_costs", "parse_cost_spec"]
+           "given_costs", "measure_costs", "parse_cost_spec"]
 
 CostChoice = Literal["measured", "flops"]
 
@@ -147,14 +147,19 @@ def parse_cost_spec(costs: str | Sequence[float]) -> tuple[str, np.ndarray | Non
     return "given", check_costs(parse_costs(costs), name="costs")
 
 
+def given_costs(given: np.ndarray, n_exits: int, unit: str = "ms") -> ChosenCosts:
+    """Explicit costs, checked to have one value per exit; nothing is measured."""
+    if given.size != n_exits:
+        raise EenetError(f"costs has {given.size} values but the model has {n_exits} exits; "
+                         f"give one cumulative cost per exit")
+    return ChosenCosts(np.asarray(given, dtype=np.float64), unit, "given")
+
+
 def choose_costs(kind: str, given: np.ndarray | None, report: CostReport,
                  unit_given: str = "ms") -> ChosenCosts:
     """The cache's costs from a parsed cost spec and a :class:`CostReport`."""
     if given is not None:
-        if given.size != report.n_exits:
-            raise EenetError(f"costs has {given.size} values but the model has "
-                             f"{report.n_exits} exits; give one cumulative cost per exit")
-        chosen, unit, source = given, unit_given, "given"
+        chosen, unit, source = given_costs(given, report.n_exits).costs, unit_given, "given"
     else:
         chosen, unit, source = report.pick(kind)  # type: ignore[arg-type]
         if not np.any(chosen > 0):

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from eenet import __version__
 from eenet._validation import CacheError, EenetError, check_choice, check_int
 from eenet.cache import CacheWriter, merge_shards
-from eenet.ingest.costs import (ChosenCosts, choose_costs, costs_from_cache, measure_costs,
-                                parse_cost_spec)
+from eenet.ingest.costs import (ChosenCosts, choose_costs, costs_from_cache, given_costs,
+                                measure_costs, parse_cost_spec)
 from eenet.ingest.distributed import DistContext, ShardSampler, run_sharded, step
 from eenet.ingest.forward import make_loader, stream_batches
 from eenet.ingest.stream import BackgroundWriter, ChunkDirWriter, PartialRun
@@ -178,10 +178,7 @@ def _costs(job: CacheJob) -> ChosenCosts:
     kind, given = parse_cost_spec(o.costs)
     timing = o.timing if o.timing is not None else kind == "measured"
     if given is not None and not timing:  # nothing to measure: the run is one forward pass
-        if given.size != job.n_exits:
-            raise EenetError(f"costs has {given.size} values but the model has "
-                             f"{job.n_exits} exits; give one cumulative cost per exit")
-        return ChosenCosts(given, o.cost_unit, "given")
+        return given_costs(given, job.n_exits, o.cost_unit)
     report = measure_costs(job.model, job.example, device=job.device,
                            batch_size=o.batch_size, repeats=o.repeats,
                            min_run_time=o.min_run_time, exit_modules=o.exit_modules,
