@@ -9,8 +9,7 @@ network whose stages do nothing and whose heads return fixed logits, with
 thresholds that make the sample leave exactly at k. It is measured as
 ``eenet cache`` measures the network: ``torch.utils.benchmark`` at batch 1 on
 one thread (CPU), warm-up, repeats, the median; three such medians per exit,
-interleaved across the exits, of which the fastest counts (load on a shared
-machine only ever adds time). With FLOP costs it counts the
+interleaved across the exits, and the median of those. With FLOP costs it counts the
 policy's FLOPs with ``torch.utils.flop_counter`` instead.
 
 Calibration then spends the budget on ``c_k + O_k``
@@ -36,7 +35,7 @@ from eenet.runtime.model import EarlyExitModel
 
 __all__ = ["choose_overhead", "policy_overhead"]
 
-_ROUNDS = 3  # timings per exit; the fastest counts
+_ROUNDS = 3  # timings per exit, interleaved; their median counts
 
 
 class _FixedHead(nn.Module):
@@ -103,8 +102,9 @@ def policy_overhead(policy: ExitPolicy, cache: ExitCache, *, device: str | None 
                 model(x)
             out[k] = counter.get_total_flops()
         return np.maximum.accumulate(out)
-    # Rounds over all exits, the fastest of each kept: a busy machine only ever adds time,
-    # and interleaving spreads a burst of load over every exit instead of one.
+    # Rounds interleaved over the exits, so a burst of load on a shared machine spreads over
+    # every exit instead of landing on one; the median round counts, as the cache's costs
+    # are medians too.
     rounds = np.empty((_ROUNDS, k_exits))
     threads = 1 if dev.type == "cpu" else torch.get_num_threads()
     with warnings.catch_warnings():
@@ -115,7 +115,7 @@ def policy_overhead(policy: ExitPolicy, cache: ExitCache, *, device: str | None 
                                         num_threads=threads)
                 rounds[r, k] = timer.blocked_autorange(
                     min_run_time=min_run_time / _ROUNDS).median * 1e3
-    out = rounds.min(axis=0)
+    out = np.median(rounds, axis=0)
     return np.maximum.accumulate(out)  # timing noise between near-equal exits
 
 
