@@ -32,7 +32,9 @@ __all__ = [
     "check_int",
     "check_labels",
     "check_number",
+    "first_line",
     "parse_costs",
+    "pid_alive",
     "plain",
     "resolve_device",
     "seeded",
@@ -62,6 +64,17 @@ class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(f"interrupted by signal {signum}")
         self.signum = signum
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty).
+
+    Example:
+        >>> first_line(OSError("disk full\\nmore detail")), first_line(KeyError())
+        ('disk full', 'KeyError')
+    """
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 # ---------------------------------------------------------------------------
@@ -268,7 +281,8 @@ def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{_TMP_TAG}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -295,7 +309,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
             pid = int(tmp.name.split(f".{_TMP_TAG}.", 1)[1].split(".", 1)[0])
         except (IndexError, ValueError):
             continue
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         try:
             size = tmp.stat().st_size

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eenet._validation import CacheError, EenetError
-from eenet.cache import (FORMAT_VERSION, CacheWriter, ExitCache, _rows_per_block, merge_shards,
+from eenet.cache import (FORMAT_VERSION, CacheWriter, ExitCache, chunk_rows_for, merge_shards,
                          read_cache, read_costs, stratified_split, summarize_cache, write_cache)
 
 from conftest import synthetic_cache
@@ -64,7 +64,7 @@ class TestRoundTrip:
 
     def test_streamed_write_spans_many_chunks(self, tmp_path):
         n_exits, n_classes = 3, 700
-        rows = _rows_per_block(n_exits, n_classes, 4, 1 << 20)
+        rows = chunk_rows_for(n_exits, n_classes)  # the default: about 1 MiB of float32
         n = 3 * rows + 17  # more rows than three chunks, not a multiple of the chunk
         rng = np.random.default_rng(0)
         full = rng.normal(size=(n, n_exits, n_classes)).astype(np.float32)

@@ -22,6 +22,7 @@ from eenet._validation import CacheError, EenetError, resolve_device
 from eenet.cache import read_cache
 from eenet.ingest.costs import CostReport, measure_costs
 from eenet.ingest.data import load_dataset
+from eenet.ingest.forward import find_exit_modules
 from eenet.ingest.model import cache_model, load_model, run_exits
 
 HERE = Path(__file__).resolve().parent
@@ -337,6 +338,52 @@ class TestMeasureCosts:
 
 
 # ---------------------------------------------------------------------------
+class _AllHeads(torch.nn.Module):
+    """A module returning every exit: it produces none of them alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h1 = torch.nn.Linear(toy.N_FEATURES, toy.N_CLASSES)
+        self.h2 = torch.nn.Linear(toy.N_FEATURES, toy.N_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.h1(x), self.h2(x)]
+
+
+class _Wrapped(torch.nn.Module):
+    def __init__(self, view: bool = False) -> None:
+        super().__init__()
+        self.heads, self.view = _AllHeads(), view
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = self.heads(x)
+        return [o.view(o.shape) for o in outs] if self.view else outs
+
+
+class TestFindExitModules:
+    @pytest.mark.parametrize("view", [False, True])
+    def test_a_module_returning_every_exit_is_passed_over(self, view):
+        model = _Wrapped(view)
+        found = find_exit_modules(model, torch.randn(1, toy.N_FEATURES), 2)
+        assert found == [("heads.h1", model.heads.h1), ("heads.h2", model.heads.h2)]
+
+    def test_names_are_checked_without_a_forward(self):
+        model = toy.HookedMLP()
+        assert [m for _, m in find_exit_modules(model, None, 3, ["exit_a", "exit_b", "exit_c"])
+                ] == [model.exit_a, model.exit_b, model.exit_c]
+        for names, match in [(["exit_a"], "names 1 modules for 3 exits"),
+                             (["exit_a", "exit_a", "exit_c"], "names a module twice"),
+                             (["exit_a", "", "exit_c"], r"\[''\] are not submodules")]:
+            with pytest.raises(EenetError, match=match):
+                find_exit_modules(model, None, 3, names)
+
+    def test_exit_count_and_torchscript_refused(self):
+        with pytest.raises(EenetError, match="returns 3 exits, not the 2 expected"):
+            find_exit_modules(toy.HookedMLP(), torch.randn(1, toy.N_FEATURES), 2)
+        with pytest.raises(EenetError, match="TorchScript model takes no forward hooks"):
+            find_exit_modules(_script(toy.hooked()), torch.randn(1, toy.N_FEATURES), 3)
+
+
 class TestCacheModel:
     def test_limit_given_costs_float16(self, data_npz, out_dir):
         out = cache_model("_toy_models:staged", str(data_npz), out_dir / "val.h5", limit=25,

@@ -28,9 +28,10 @@ from _toy_models import N_CLASSES, N_FEATURES, HookedMLP, ReversedHeads, StagedM
 from eenet._validation import EenetError
 from eenet.cache import ExitCache
 from eenet.examples.models import MultiExitCNN, fashion_mnist_cnn4
+from eenet.ingest.forward import find_exit_modules, match_exit_modules, record_module_outputs
 from eenet.policy import ExitPolicy
 from eenet.rules import Thresholds
-from eenet.runtime.hooks import HookedEarlyExit, find_exit_modules
+from eenet.runtime.hooks import HookedEarlyExit
 from eenet.runtime.model import EarlyExitModel, EarlyExitOutput
 from eenet.runtime.overhead import policy_overhead
 from eenet.scores import score_cache
@@ -718,7 +719,10 @@ class TestHooked:
         model, fit, x, _ = interleaved_data
         policy = fit_policy("maxprob", fit, 2.0)
         found = find_exit_modules(model, x[:1], 3)
-        assert found == [("exit_a", 0), ("exit_b", 0), ("exit_c", 0)]
+        assert found == [("exit_a", model.exit_a), ("exit_b", model.exit_b),
+                         ("exit_c", model.exit_c)]
+        assert match_exit_modules(*record_module_outputs(model, x[:1])) == [
+            ("exit_a", 0), ("exit_b", 0), ("exit_c", 0)]
         named = HookedEarlyExit(model, policy, exit_modules=["exit_a", "exit_b", "exit_c"])
         try:
             by_name = serve(named, x[:40], 1)

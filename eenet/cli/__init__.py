@@ -32,11 +32,6 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     return f"warning: {message}\n"
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command with eenet's error contract.
 
@@ -51,7 +46,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from eenet._validation import EenetError, Interrupted, terminate_on_signals
+        from eenet._validation import (EenetError, Interrupted, first_line,
+                                       terminate_on_signals)
 
         ctx = click.get_current_context()
         debug = bool((ctx.obj or {}).get("debug"))
@@ -80,7 +76,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (EenetError, OSError) as err:
             if debug:
                 raise
-            text = _first_line(err)
+            text = first_line(err)
             if not isinstance(err, EenetError):
                 text = f"{type(err).__name__}: {text}"
             raise click.ClickException(text) from None

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from eenet._validation import EenetError
+from eenet._validation import EenetError, first_line
 
 # One stage: (output channels, number of 3x3 conv layers, 2x2 max-pool at the end,
 # side of the head's average-pooled grid). Heads pool to a small grid rather than
@@ -130,7 +130,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for damaged files
-        raise EenetError(f"checkpoint {path} cannot be read ({str(err).splitlines()[0]}); "
+        raise EenetError(f"checkpoint {path} cannot be read ({first_line(err)}); "
                          f"retrain it with `python -m eenet.examples.train`") from None
     own = model.state_dict()
     state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
@@ -138,7 +138,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise EenetError(f"checkpoint {path} does not match {type(model).__name__}: "
-                         f"{str(err).splitlines()[0]}") from None
+                         f"{first_line(err)}") from None
     return model
 
 

@@ -6,7 +6,8 @@
   distributed) and their options;
 - :mod:`~eenet.ingest.costs`: per-exit latency and FLOPs, or costs reused from a cache;
 - :mod:`~eenet.ingest.data`: datasets from ``.npz`` files, factories and registered names;
-- :mod:`~eenet.ingest.forward`: the forward contract and batch streaming;
+- :mod:`~eenet.ingest.forward`: the forward contract, batch streaming, and the module
+  producing each exit (for hooks that time exits or stop at one);
 - :mod:`~eenet.ingest.stream`: the writer thread and the state of a resumable run;
 - :mod:`~eenet.ingest.distributed`: sharding over ``torchrun`` ranks and merging;
 - :mod:`~eenet.ingest.arrays`: logits or probabilities a user already has

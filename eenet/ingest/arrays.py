@@ -21,9 +21,9 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from eenet._validation import EenetError, check_costs, check_labels, parse_costs
+from eenet._validation import (EenetError, check_costs, check_labels, first_line,
+                               parse_costs)
 from eenet.cache import ExitCache, write_cache
-from eenet.ingest.resolve import first_line
 
 Layout = Literal["nkc", "knc"]
 _PROB_FLOOR = 1e-30  # log(0) would be -inf; anything this small is "impossible" already

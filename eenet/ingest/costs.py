@@ -31,7 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from eenet._validation import (EenetError, check_choice, check_costs, check_int, parse_costs,
                                resolve_device)
-from eenet.ingest.forward import batch_len, exit_logits, forward, grad_off, select_rows, to_device
+from eenet.ingest.forward import (batch_len, exit_logits, find_exit_modules, forward, grad_off,
+                                  select_rows, to_device)
 
 logger = logging.getLogger(__name__)
 
@@ -298,65 +299,17 @@ def _staged_agrees(stages: Sequence[nn.Module], heads: Sequence[nn.Module], x1: 
                for a, b in zip(mine, outs))
 
 
-def _hook_records(model: nn.Module, x1: Any) -> list[tuple[str, torch.Tensor]]:
-    """(module name, output tensor) for every submodule, in the order they fired."""
-    records: list[tuple[str, torch.Tensor]] = []
-
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            records.extend((name, t) for t in tree_leaves(output)
-                           if isinstance(t, torch.Tensor))
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules() if n]
-    try:
-        with torch.inference_mode():
-            outs = model(x1)
-    finally:
-        for h in handles:
-            h.remove()
-    return records + [("", o) for o in outs]
-
-
-def _find_exit_modules(model: nn.Module, x1: Any, n_exits: int,
-                       names: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
-    """The submodule whose output is each exit's logits, named or found by one forward."""
+def _exit_modules_to_time(model: nn.Module, x1: Any, n_exits: int,
+                          names: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
+    """The module producing each exit (:func:`find_exit_modules`), to time with hooks."""
     if isinstance(model, torch.jit.ScriptModule):
         raise EenetError("cannot time each exit of a TorchScript model without stages and "
                          "heads (it takes no forward hooks); use --costs flops or give "
                          "explicit per-exit costs")
-    modules = dict(model.named_modules())
-    if names is not None:
-        names = list(names)
-        if len(names) != n_exits:
-            raise EenetError(f"exit_modules names {len(names)} modules for {n_exits} exits; "
-                             f"give one module name per exit")
-        unknown = [n for n in names if n not in modules or not n]
-        if unknown:
-            sample = ", ".join(n for n in list(modules)[1:13])
-            raise EenetError(f"exit_modules {unknown} are not submodules of the model; "
-                             f"known names include: {sample}")
-        found = names
-    else:
-        records = _hook_records(model, x1)
-        outs, records = [t for n, t in records if n == ""], [r for r in records if r[0]]
-        found = []
-        for k, o in enumerate(outs):
-            # The last hook to fire with this tensor is the outermost module producing it.
-            same = [n for n, t in records if t is o]
-            if not same:
-                ptr = o.untyped_storage().data_ptr()
-                same = [n for n, t in records if t.untyped_storage().data_ptr() == ptr]
-            if not same:
-                raise EenetError(f"cannot tell which module produces exit {k} (it is not a "
-                                 f"submodule's output, e.g. computed by a function inside "
-                                 f"forward); name one module per exit with exit_modules "
-                                 f"(--exit-modules), or use --costs flops or explicit costs")
-            found.append(same[-1])
-    if len(set(found)) != len(found):
-        raise EenetError(f"exits share modules {found}; per-exit timing by hooks needs a "
-                         f"distinct module per exit: use --costs flops or explicit costs")
-    return [(n, modules[n]) for n in found]
+    try:
+        return find_exit_modules(model, x1, n_exits, names)
+    except EenetError as err:
+        raise EenetError(f"{err}; or skip timing: --costs flops or explicit costs") from None
 
 
 # ---------------------------------------------------------------------------
@@ -531,8 +484,8 @@ def measure_costs(model: nn.Module, example_input: Any, *,
         logger.warning("the model's stages and heads do not reproduce its forward; timing "
                        "exits with hooks instead")
         staged = None
-    found = [] if staged is not None else _find_exit_modules(model, x1, n_exits,
-                                                             exit_modules)
+    found = [] if staged is not None else _exit_modules_to_time(model, x1, n_exits,
+                                                                exit_modules)
     modules = [m for _, m in found]
     one = 1 if dev.type == "cpu" else threads
     # Batch B first: its warm-up also warms the thread pool and allocator for batch 1.

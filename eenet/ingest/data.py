@@ -22,8 +22,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from eenet._validation import EenetError, check_labels
-from eenet.ingest.resolve import call_factory, describe, first_line, import_object, parameters
+from eenet._validation import EenetError, check_labels, first_line
+from eenet.ingest.resolve import call_factory, describe, import_object, parameters
 
 __all__ = ["DatasetLoader", "check_item", "dataset_split", "load_dataset", "register_dataset",
            "registered_datasets"]

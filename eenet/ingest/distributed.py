@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from eenet._validation import EenetError, resolve_device
+from eenet._validation import EenetError, pid_alive, resolve_device
 
 __all__ = ["DistContext", "ShardSampler", "distributed_context", "remove_stale_shards",
            "run_sharded", "shard_chunks", "step"]
@@ -219,16 +219,6 @@ def _shard_path(out: Path, tag: str, rank: int, world_size: int) -> Path:
     return out.with_name(f".{out.name}.{_SHARD_TAG}.{tag}.{rank}-of-{world_size}")
 
 
-def _pid_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def remove_stale_shards(out: str | os.PathLike) -> list[Path]:
     """Delete shard files that killed distributed runs left next to ``out``.
 
@@ -246,7 +236,7 @@ def remove_stale_shards(out: str | os.PathLike) -> list[Path]:
         if host != socket.gethostname():
             warnings.warn(f"{path} was left by a run on host {host}; delete it if no run "
                           f"is using it", stacklevel=2)
-        elif _pid_gone(int(pid)):
+        elif not pid_alive(int(pid)):
             path.unlink(missing_ok=True)
             removed.append(path)
             warnings.warn(f"removed {path}, left by an earlier distributed run that was "

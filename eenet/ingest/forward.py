@@ -6,13 +6,16 @@ exit with the same ``n_classes``. :func:`exit_logits` checks it and stacks the
 exits into ``[batch, n_exits, n_classes]``; :func:`forward` runs the model
 without autograd and turns its failures into one line; :func:`stream_batches`
 runs it over a ``DataLoader`` and hands each batch's logits to the host.
+:func:`find_exit_modules` finds the submodule producing each exit, for the
+forward hooks that time exits (:mod:`eenet.ingest.costs`) or stop at one
+(:mod:`eenet.runtime.hooks`).
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
 from collections.abc import Mapping
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,11 +23,12 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
 
-from eenet._validation import EenetError
-from eenet.ingest.resolve import describe, first_line
+from eenet._validation import EenetError, first_line
+from eenet.ingest.resolve import describe
 
-__all__ = ["autocast", "batch_len", "exit_logits", "forward", "grad_off", "labels_of",
-           "make_loader", "select_rows", "stream_batches", "to_device", "to_host"]
+__all__ = ["autocast", "batch_len", "exit_logits", "find_exit_modules", "forward", "grad_off",
+           "labels_of", "make_loader", "match_exit_modules", "record_module_outputs",
+           "select_rows", "stream_batches", "to_device", "to_host"]
 
 
 def to_device(x: Any, device: torch.device, non_blocking: bool = False) -> Any:
@@ -137,6 +141,146 @@ def forward(model: nn.Module, x: Any, where: str) -> Any:
         raise EenetError(f"the model's forward failed on {where} (input {describe(x)}): "
                          f"{type(err).__name__}: {first_line(err)}; check that the "
                          f"dataset's inputs suit the model") from err
+
+
+# ---------------------------------------------------------------------------
+# which module produces each exit
+# ---------------------------------------------------------------------------
+def record_module_outputs(model: nn.Module, example_input: Any
+                          ) -> tuple[Any, list[tuple[str, list[torch.Tensor]]]]:
+    """One forward of ``example_input`` with a hook on every submodule.
+
+    Returns:
+        ``(outs, records)``: what the model returned, and ``(module name, the
+        module's output tensors)`` for every submodule call, in the order the
+        calls finished (an outer module after the modules it calls).
+    """
+    records: list[tuple[str, list[torch.Tensor]]] = []
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            records.append((name, [t for t in tree_leaves(output)
+                                   if isinstance(t, torch.Tensor)]))
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.inference_mode():
+            outs = model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, records
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse and other storage-less tensors
+        return False
+
+
+def match_exit_modules(outs: Sequence[torch.Tensor],
+                       records: Sequence[tuple[str, Sequence[torch.Tensor]]]
+                       ) -> list[tuple[str, int]]:
+    """The submodule producing each exit, from :func:`record_module_outputs`.
+
+    Exit ``k`` comes from the outermost submodule whose output holds exit
+    ``k``'s tensor and no other exit's (a module that returns several exits
+    produces none of them alone). When no submodule returns the tensor itself
+    (the forward returns a view of it, e.g. reshaped), one whose output shares
+    its memory counts.
+
+    Args:
+        outs: the model's exits, ``n_exits`` tensors (the forward contract, checked).
+        records: ``(module name, output tensors)`` per call, in finishing order.
+
+    Returns:
+        ``(module name, index of the exit's tensor among that module's output
+        tensors)`` per exit; the names are distinct.
+
+    Raises:
+        EenetError: an exit that is no submodule's output (computed by a
+            function inside ``forward``).
+    """
+    found: list[tuple[str, int]] = []
+    for k, o in enumerate(outs):
+        others = [t for j, t in enumerate(outs) if j != k]
+        match: list[tuple[str, int]] = []
+        for same in (lambda a, b: a is b, _same_memory):
+            match = [(name, next(i for i, t in enumerate(ts) if same(t, o)))
+                     for name, ts in records
+                     if any(same(t, o) for t in ts)
+                     and not any(same(t, u) for t in ts for u in others)]
+            if match:
+                break
+        if not match:
+            raise EenetError(f"cannot tell which module produces exit {k} (it is not a "
+                             f"submodule's output, e.g. computed by a function inside "
+                             f"forward); name one module per exit with exit_modules")
+        found.append(match[-1])  # the last to finish is the outermost
+    return found
+
+
+def find_exit_modules(model: nn.Module, example_input: Any, n_exits: int,
+                      names: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The submodule producing each exit's logits: ``names`` checked, or found by one forward.
+
+    Without ``names``, the model runs once on ``example_input`` with a hook on
+    every submodule, and exit ``k``'s module is the outermost one whose output
+    holds exit ``k``'s tensor and no other exit's (:func:`match_exit_modules`).
+
+    Args:
+        model: a multi-exit model (the forward contract); not TorchScript.
+        example_input: a batch the model accepts (one sample is enough); not
+            run when ``names`` are given.
+        n_exits: the number of exits expected.
+        names: the modules' names (``model.named_modules()`` keys), one per
+            exit, to check instead of searching.
+
+    Returns:
+        ``(module name, module)`` per exit, in exit order, every module distinct.
+
+    Raises:
+        EenetError: a TorchScript model (no forward hooks); ``names`` of another
+            count, unknown or repeated; a forward that breaks the contract or
+            returns another number of exits; an exit that is no submodule's output.
+
+    Example:
+        >>> from torch import nn
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.block, self.exit0 = nn.Linear(4, 8), nn.Linear(4, 3)
+        ...         self.exit1 = nn.Sequential(nn.ReLU(), nn.Linear(8, 3))
+        ...     def forward(self, x):
+        ...         return [self.exit0(x), self.exit1(self.block(x))]
+        >>> [name for name, _ in find_exit_modules(Net(), torch.zeros(1, 4), 2)]
+        ['exit0', 'exit1']
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise EenetError("a TorchScript model takes no forward hooks, so its exit modules "
+                         "cannot be used; use the eager model")
+    modules = dict(model.named_modules())
+    if names is None:
+        outs, records = record_module_outputs(model, example_input)
+        exit_logits(outs, batch_len(example_input))  # the forward contract, or one line
+        if len(outs) != n_exits:
+            raise EenetError(f"the model returns {len(outs)} exits, not the {n_exits} expected")
+        return [(n, modules[n]) for n, _ in match_exit_modules(outs, records)]
+    names = [str(n) for n in names]
+    if len(names) != n_exits:
+        raise EenetError(f"exit_modules names {len(names)} modules for {n_exits} exits; "
+                         f"give one module name per exit")
+    unknown = [n for n in names if not n or n not in modules]
+    if unknown:
+        known = ", ".join(list(modules)[1:13])
+        raise EenetError(f"exit_modules {unknown} are not submodules of the model "
+                         f"({type(model).__name__}); known names include: {known}")
+    if len(set(names)) != len(names):
+        raise EenetError(f"exit_modules names a module twice {names}; give a distinct "
+                         f"module per exit")
+    return [(n, modules[n]) for n in names]
 
 
 # ---------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import IterableDataset, default_collate
 from tqdm.auto import tqdm
 
-from eenet._validation import EenetError, check_int, resolve_device, seeded
+from eenet._validation import EenetError, check_int, first_line, resolve_device, seeded
 from eenet.cache import check_output_path, chunk_rows_for
 from eenet.ingest.data import check_item, dataset_split, load_dataset
 from eenet.ingest.distributed import (distributed_context, process_group,
@@ -44,7 +44,7 @@ from eenet.ingest.forward import (exit_logits, forward, make_loader, select_rows
                                   stream_batches, to_device)
 from eenet.ingest.pipeline import (CacheJob, CacheOptions, options_from, run_distributed,
                                    run_resumable, run_single)
-from eenet.ingest.resolve import call_factory, describe, first_line, import_object
+from eenet.ingest.resolve import call_factory, describe, import_object
 from eenet.ingest.stream import PartialRun
 
 logger = logging.getLogger(__name__)

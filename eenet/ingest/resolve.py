@@ -14,15 +14,9 @@ import sys
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
-from eenet._validation import EenetError
+from eenet._validation import EenetError, first_line
 
-__all__ = ["call_factory", "describe", "first_line", "import_object", "parameters"]
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type name when empty)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+__all__ = ["call_factory", "describe", "import_object", "parameters"]
 
 
 def describe(obj: Any) -> str:

@@ -51,12 +51,13 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from eenet._validation import EenetError
-from eenet.ingest.forward import batch_len, exit_logits
+from eenet.ingest.forward import (batch_len, exit_logits, find_exit_modules, match_exit_modules,
+                                  record_module_outputs)
 from eenet.ingest.resolve import describe
 from eenet.policy import ExitPolicy
 from eenet.runtime.model import EarlyExitOutput
 
-__all__ = ["HookedEarlyExit", "find_exit_modules"]
+__all__ = ["HookedEarlyExit"]
 
 
 class _Exited(BaseException):
@@ -89,75 +90,6 @@ def _within(name: str, parent: str) -> bool:
     return name == parent or name.startswith(parent + ".")
 
 
-def _probe(model: nn.Module, x1: Any) -> tuple[Any, list[tuple[str, list[Tensor]]]]:
-    """One forward of ``x1``: its output and (module name, output tensors) of every
-    submodule, in the order the modules finished."""
-    records: list[tuple[str, list[Tensor]]] = []
-
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            records.append((name, [t for t in tree_leaves(output) if isinstance(t, Tensor)]))
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules() if n]
-    try:
-        with torch.inference_mode():
-            outs = model(x1)
-    finally:
-        for h in handles:
-            h.remove()
-    return outs, records
-
-
-def find_exit_modules(model: nn.Module, example_input: Any, n_exits: int
-                      ) -> list[tuple[str, int]]:
-    """The submodule producing each exit's logits, found with one forward.
-
-    For every exit tensor the model returns, the outermost submodule whose
-    output holds that tensor (and no other exit's) produced it.
-
-    Args:
-        model: a multi-exit model returning a list or tuple of ``n_exits``
-            logits ``[batch, n_classes]`` (the forward contract).
-        example_input: an input of one sample (any batch size works).
-        n_exits: the number of exits expected.
-
-    Returns:
-        ``(module name, index of the logits among the module output's tensors)``
-        per exit.
-
-    Raises:
-        EenetError: the forward breaks the contract, returns another number of
-            exits, or an exit is not a submodule's output (computed by a function
-            inside ``forward``); or two exits come from the same module.
-    """
-    return _match_exits(*_probe(model, example_input), batch_len(example_input), n_exits)
-
-
-def _match_exits(outs: Any, records: list[tuple[str, list[Tensor]]], batch: int,
-                 n_exits: int) -> list[tuple[str, int]]:
-    exit_logits(outs, batch)  # the forward contract, or one line
-    if len(outs) != n_exits:
-        raise EenetError(f"the model returns {len(outs)} exits but the policy was fitted for "
-                         f"{n_exits}; fit a policy on a cache of this model")
-    found: list[tuple[str, int]] = []
-    for k, o in enumerate(outs):
-        others = [t for j, t in enumerate(outs) if j != k]
-        match = [(name, next(i for i, t in enumerate(ts) if t is o))
-                 for name, ts in records
-                 if any(t is o for t in ts) and not any(t is u for t in ts for u in others)]
-        if not match:
-            raise EenetError(f"cannot tell which module produces exit {k} (it is not a "
-                             f"submodule's output, e.g. computed by a function inside "
-                             f"forward); name one module per exit with exit_modules")
-        found.append(match[-1])  # the last to finish is the outermost
-    names = [n for n, _ in found]
-    if len(set(names)) != len(names):
-        raise EenetError(f"exits share modules {names}; early exit by hooks needs a distinct "
-                         f"module per exit (name them with exit_modules)")
-    return found
-
-
 class HookedEarlyExit(nn.Module):
     """Serve a non-staged multi-exit model one sample at a time, stopping at the exit.
 
@@ -170,11 +102,12 @@ class HookedEarlyExit(nn.Module):
             (``dict(model.named_modules())`` keys), one per exit, in order.
             Each must return its exit's logits as a tensor ``[1, n_classes]``.
         example_input: one sample the model accepts. Without ``exit_modules``
-            the exit modules are found with one forward on it
-            (:func:`find_exit_modules`, which needs a forward returning the
-            exits as a list or tuple of logits); with them, that forward
-            checks their order and outputs. Either way it warns when no layer
-            runs between the first and the last exit module.
+            the exit modules are found with one forward on it (the outermost
+            module whose output holds an exit's tensor and no other exit's;
+            see :func:`~eenet.ingest.forward.find_exit_modules`, which needs a
+            forward returning the exits as a list or tuple of logits); with
+            them, that forward checks their order and outputs. Either way it
+            warns when no layer runs between the first and the last exit module.
 
     The module's ``forward(x, sample_ids=None)`` takes a batch of one sample
     and returns an :class:`~eenet.runtime.model.EarlyExitOutput` with one row.
@@ -225,26 +158,25 @@ class HookedEarlyExit(nn.Module):
         self.n_exits = rule.n_exits
         reference = self.policy.reference or {}
         self.n_classes = int(reference.get("n_classes", 0))
-        modules = dict(model.named_modules())
         if exit_modules is not None:
-            names = [str(n) for n in exit_modules]
-            if len(names) != self.n_exits:
-                raise EenetError(f"exit_modules names {len(names)} modules but the policy was "
-                                 f"fitted for {self.n_exits} exits; name one module per exit")
-            unknown = [n for n in names if not n or n not in modules]
-            if unknown:
-                known = ", ".join(n for n in list(modules)[1:13])
-                raise EenetError(f"exit_modules {unknown} are not submodules of "
-                                 f"{type(model).__name__}; known names include: {known}")
-            if len(set(names)) != len(names):
-                raise EenetError(f"exit_modules names a module twice {names}; early exit by "
-                                 f"hooks needs a distinct module per exit")
+            if len(exit_modules) != self.n_exits:
+                raise EenetError(f"exit_modules names {len(exit_modules)} modules but the "
+                                 f"policy was fitted for {self.n_exits} exits; name one module "
+                                 f"per exit")
+            named = find_exit_modules(model, example_input, self.n_exits, exit_modules)
+            names = [n for n, _ in named]
             leaves: list[int | None] = [None] * len(names)
             if example_input is not None:
-                self._check_order(names, *_probe(model, example_input))
+                self._check_order(names, *record_module_outputs(model, example_input))
         elif example_input is not None:
-            outs, records = _probe(model, example_input)
-            found = _match_exits(outs, records, batch_len(example_input), self.n_exits)
+            # One forward both finds the modules and checks their order.
+            outs, records = record_module_outputs(model, example_input)
+            exit_logits(outs, batch_len(example_input))  # the forward contract, or one line
+            if len(outs) != self.n_exits:
+                raise EenetError(f"the model returns {len(outs)} exits but the policy was "
+                                 f"fitted for {self.n_exits}; fit a policy on a cache of this "
+                                 f"model")
+            found = match_exit_modules(outs, records)
             names, leaves = [n for n, _ in found], [i for _, i in found]
             self._check_order(names, outs, records)
         else:
@@ -254,6 +186,7 @@ class HookedEarlyExit(nn.Module):
         self.exit_names = names
         self.samples_seen = 0
         self._run: _Run | None = None
+        modules = dict(model.named_modules())
         self._handles = [modules[n].register_forward_hook(self._make_hook(k, leaf))
                          for k, (n, leaf) in enumerate(zip(names, leaves))]
 

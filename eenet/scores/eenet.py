@@ -45,7 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from eenet._validation import EenetError, check_choice, check_int, check_number, plain, seeded
+from eenet._validation import (EenetError, check_choice, check_int, check_number, first_line,
+                               plain, seeded)
 from eenet.cache import ExitCache
 from eenet.scores.eenet_heads import EENetHeads, TrainConfig, train_heads
 from eenet.scores.eenet_losses import SCORE_TARGETS
@@ -327,7 +328,7 @@ class EENetScorer:
             net.load_state_dict(state["state_dict"])
         except RuntimeError as err:
             raise EenetError(f"the EENet weights do not fit the stored hyperparameters "
-                             f"({str(err).splitlines()[0]}); fit the policy again") from None
+                             f"({first_line(err)}); fit the policy again") from None
         scorer._net = net.to(scorer.config.device).eval()
         scorer._rbar = np.asarray(state["exit_distribution"], dtype=np.float64)
         scorer.diagnostics = dict(state.get("diagnostics") or {})
