@@ -21,7 +21,9 @@ _EENET_DEFAULTS = {f.name: f.default for f in fields(EENetConfig)}
 OVERHEAD_HELP = ("Charge each policy its own cost per exit (scoring, thresholds, bookkeeping), "
                  "measured like the network's, so the budget fitted is the budget its runtime "
                  "spends. auto: when the cache's costs were measured (latency or FLOPs), not "
-                 "when they were given.")
+                 "when they were given; on: always; model: timed inside the network the cache "
+                 "records (loaded here), which also counts what serving costs between its "
+                 "kernels; off: never.")
 
 
 def read_split(path: Path, holdout: float | None, seed: int, part: str):
@@ -98,7 +100,7 @@ def _eenet_option(name: str, kind: click.ParamType, text: str):
               help="Fit on a seeded stratified part of VAL, keeping this share for "
                    "`eenet evaluate --holdout`.")
 @click.option("--seed", type=int, default=None, help="Overrides the group's --seed.")
-@click.option("--overhead", type=click.Choice(["auto", "on", "off"]), default="auto",
+@click.option("--overhead", type=click.Choice(["auto", "on", "model", "off"]), default="auto",
               show_default=True, help=OVERHEAD_HELP)
 @guarantee_options
 @_eenet_option("epochs", click.IntRange(1), "maximum training epochs")

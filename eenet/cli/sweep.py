@@ -32,7 +32,7 @@ from eenet.sweep import DEFAULT_METHODS
               help="With a single cache: hold out this share (seeded, stratified) as test.")
 @click.option("--jobs", type=click.IntRange(1), default=None,
               help="Parallel fits (default: the number of cores).")
-@click.option("--overhead", type=click.Choice(["auto", "on", "off"]), default="auto",
+@click.option("--overhead", type=click.Choice(["auto", "on", "model", "off"]), default="auto",
               show_default=True, help=OVERHEAD_HELP)
 @click.option("--epsilons", help="Risk levels, comma-separated: a risk-control sweep (each "
                                  "method fitted with --risk at every level) instead of budgets.")
@@ -104,16 +104,19 @@ def sweep(ctx: click.Context, val: Path, test: Path | None, budgets: str | None,
 @click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True)
 @click.option("--seeds", type=click.IntRange(1), default=3, show_default=True,
               help="Seeds per fit; the table marks ties within the seed-to-seed spread.")
+@click.option("--overhead", type=click.Choice(["auto", "on", "model", "off"]), default="auto",
+              show_default=True, help=OVERHEAD_HELP)
 @click.option("--force", is_flag=True, help="Rebuild the caches even if present.")
 @click.pass_context
 @handle_errors
 def quickstart(ctx: click.Context, cache_dir: Path, results_dir: Path, data_dir: Path | None,
-               n_budgets: int, methods: str, seeds: int, force: bool) -> None:
+               n_budgets: int, methods: str, seeds: int, overhead: str, force: bool) -> None:
     """The whole pipeline on the bundled Fashion-MNIST example, in a few minutes."""
     from eenet.examples.quickstart import run_quickstart
 
     summary = run_quickstart(cache_dir=cache_dir, results_dir=results_dir, data_dir=data_dir,
                              n_budgets=n_budgets, methods=parse_names(methods), seeds=seeds,
-                             force=force, seed=ctx.obj["seed"], device=ctx.obj["device"],
+                             overhead=overhead, force=force, seed=ctx.obj["seed"],
+                             device=ctx.obj["device"],
                              verbose=ctx.obj["progress"], echo=click.echo)
     click.echo(summary)

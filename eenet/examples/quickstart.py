@@ -15,6 +15,7 @@ import numpy as np
 from eenet._validation import CacheError
 from eenet.cache import ExitCache, read_cache
 from eenet.report import format_summary, plot_sweep
+from eenet.runtime.overhead import choose_overhead
 from eenet.sweep import DEFAULT_METHODS, run_sweep
 
 __all__ = ["QUICKSTART_MODEL", "run_quickstart"]
@@ -52,9 +53,12 @@ def _cached_split(split: str, cache_dir: Path, *, data_dir: Path | None, force: 
 def run_quickstart(*, cache_dir: Path = Path("cache"), results_dir: Path = Path("results"),
                    data_dir: Path | None = None, n_budgets: int = 10,
                    methods: Sequence[str] | None = None, seeds: int = 3, force: bool = False,
-                   seed: int = 0, device: str = "auto", verbose: bool = True,
-                   echo: Callable[[str], Any] = print) -> str:
+                   seed: int = 0, device: str = "auto", overhead: str = "auto",
+                   verbose: bool = True, echo: Callable[[str], Any] = print) -> str:
     """Cache the bundled network's val/test splits, sweep, write CSV, PNG and the table.
+
+    ``overhead`` is ``eenet sweep --overhead``: by default every policy pays its own
+    measured cost, as it would when served.
 
     Returns:
         The summary table (also written next to the CSV as ``quickstart.txt``).
@@ -69,7 +73,8 @@ def run_quickstart(*, cache_dir: Path = Path("cache"), results_dir: Path = Path(
     echo(f"sweeping {n_budgets} budgets x {len(methods or DEFAULT_METHODS)} methods x {seeds} "
          f"seeds (fit on val, evaluate on test) ...")
     table = run_sweep(val, test, n_budgets=n_budgets, methods=methods,
-                      seeds=[seed + i for i in range(seeds)], verbose=verbose)
+                      seeds=[seed + i for i in range(seeds)],
+                      overhead=choose_overhead(overhead, val), verbose=verbose)
     csv = results_dir / "quickstart.csv"
     table.to_csv(csv, index=False)
     png = plot_sweep(table, results_dir / "quickstart.png", cost_unit=val.cost_unit,

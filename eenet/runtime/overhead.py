@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -31,7 +32,8 @@ from eenet._validation import resolve_device
 from eenet.cache import ExitCache
 from eenet.policy import ExitPolicy
 from eenet.rules import Thresholds
-from eenet.runtime.model import EarlyExitModel
+from eenet.ingest.forward import to_device
+from eenet.runtime.model import EarlyExitModel, staged_parts
 
 __all__ = ["choose_overhead", "policy_overhead"]
 
@@ -70,8 +72,16 @@ def _leaving_at(policy: ExitPolicy, k: int) -> ExitPolicy:
 
 
 def policy_overhead(policy: ExitPolicy, cache: ExitCache, *, device: str | None = None,
-                    min_run_time: float = 0.1) -> np.ndarray | None:
+                    min_run_time: float = 0.1, model: nn.Module | None = None,
+                    example_input: Any = None) -> np.ndarray | None:
     """The policy's own cost ``O_k`` for a sample leaving at each exit, in the cache's unit.
+
+    Without ``model`` the runtime is timed around a stand-in network that
+    costs nothing. With the real staged ``model`` and one ``example_input``
+    [1, ...], ``O_k`` is the runtime's time leaving at exit k minus the
+    network's own time up to exit k, both timed the same way: this also
+    counts what serving costs between the network's kernels (caches the
+    layers evict, allocations), which the stand-in does not see.
 
     Args:
         policy: a policy whose scorer is fitted (its rule is not used).
@@ -81,6 +91,8 @@ def policy_overhead(policy: ExitPolicy, cache: ExitCache, *, device: str | None 
             units get ``None`` (the overhead cannot be expressed in them).
         device: where to time.
         min_run_time: seconds per timing (``Timer.blocked_autorange``).
+        model: the staged network the cache came from (optional, see above).
+        example_input: one input of ``model``, with the batch dimension.
 
     Returns:
         float64 [n_exits], non-decreasing, or ``None``.
@@ -92,31 +104,54 @@ def policy_overhead(policy: ExitPolicy, cache: ExitCache, *, device: str | None 
     if policy.rule is None:  # only the scorer matters; any rule of the right size will do
         policy = copy.copy(policy)
         policy.rule = Thresholds(np.full(k_exits, np.inf))
-    net = _StandIn(k_exits, n_classes, dev)
-    x = torch.zeros(1, 1, device=dev)
+    real = model is not None and cache.cost_unit == "ms"
+    net = model.to(dev).eval() if real else _StandIn(k_exits, n_classes, dev)
+    x = to_device(example_input, dev) if real else torch.zeros(1, 1, device=dev)
     served = [EarlyExitModel(net, _leaving_at(policy, k)) for k in range(k_exits)]
     if cache.cost_unit == "flops":
         out = np.empty(k_exits)
-        for k, model in enumerate(served):
+        for k, run in enumerate(served):
             with FlopCounterMode(display=False) as counter:
-                model(x)
+                run(x)
             out[k] = counter.get_total_flops()
         return np.maximum.accumulate(out)
-    # Rounds interleaved over the exits, so a burst of load on a shared machine spreads over
-    # every exit instead of landing on one; the median round counts, as the cache's costs
-    # are medians too.
-    rounds = np.empty((_ROUNDS, k_exits))
+    runs = [lambda run=run: run(x) for run in served]
+    if real:  # the network alone, truncated after each exit, to subtract
+        stages, heads = staged_parts(net)
+        runs += [lambda k=k: _truncated(stages, heads, k, x) for k in range(k_exits)]
+    times = _interleaved_medians(runs, dev, min_run_time)
+    out = times[:k_exits] - (times[k_exits:] if real else 0.0)
+    return np.maximum.accumulate(np.maximum(out, 0.0))  # timing noise between near-equal exits
+
+
+@torch.inference_mode()
+def _truncated(stages: nn.ModuleList, heads: nn.ModuleList, k: int, x: Any) -> Any:
+    h = x
+    for j in range(k + 1):
+        h = stages[j](h)
+        heads[j](h)
+    return h
+
+
+def _interleaved_medians(runs: list[Callable[[], Any]], dev: torch.device,
+                         min_run_time: float) -> np.ndarray:
+    """Median ms of each call over rounds interleaved across the calls.
+
+    Interleaving spreads a burst of load on a shared machine over every call
+    instead of landing on one; the median round counts, as the cache's costs
+    are medians too.
+    """
+    rounds = np.empty((_ROUNDS, len(runs)))
     threads = 1 if dev.type == "cpu" else torch.get_num_threads()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for r in range(_ROUNDS):
-            for k, model in enumerate(served):
-                timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x},
+            for i, run in enumerate(runs):
+                timer = benchmark.Timer(stmt="run()", globals={"run": run},
                                         num_threads=threads)
-                rounds[r, k] = timer.blocked_autorange(
+                rounds[r, i] = timer.blocked_autorange(
                     min_run_time=min_run_time / _ROUNDS).median * 1e3
-    out = np.median(rounds, axis=0)
-    return np.maximum.accumulate(out)  # timing noise between near-equal exits
+    return np.median(rounds, axis=0)
 
 
 def _cache_device(cache: ExitCache) -> str:
@@ -127,12 +162,39 @@ def _cache_device(cache: ExitCache) -> str:
 
 
 def choose_overhead(mode: str, cache: ExitCache):
-    """What ``--overhead auto|on|off`` means for ``cache``: :func:`policy_overhead` or None.
+    """What ``--overhead auto|on|model|off`` means for ``cache``: a measuring function or None.
 
     ``auto`` counts the policy's own cost when the cache's costs were measured
     (latency or FLOPs: the policy's cost can be measured the same way) and not
-    when they were given (their unit and machine are unknown here).
+    when they were given (their unit and machine are unknown here); ``on``
+    always; both time the runtime around a stand-in network. ``model`` times it
+    inside the network the cache came from (its recorded model, weights and
+    dataset, loaded here), which also counts what serving costs between the
+    network's kernels.
     """
     if mode == "off" or (mode == "auto" and cache.cost_source not in ("measured", "flops")):
         return None
-    return policy_overhead
+    if mode != "model":
+        return policy_overhead
+    model, example = _recorded_network(cache)
+
+    def inside_the_network(policy: ExitPolicy, fitted_on: ExitCache) -> np.ndarray | None:
+        return policy_overhead(policy, fitted_on, model=model, example_input=example)
+    return inside_the_network
+
+
+def _recorded_network(cache: ExitCache) -> tuple[nn.Module, Any]:
+    """The staged network and one input of the dataset ``cache`` was made from."""
+    from eenet._validation import EenetError
+    from eenet.ingest.data import load_dataset
+    from eenet.ingest.forward import select_rows
+    from eenet.ingest.model import load_model
+
+    if not cache.model or not cache.dataset:
+        raise EenetError(f"{cache.path or 'the cache'} records no model or dataset to load; "
+                         f"use --overhead on (a stand-in network) instead of model")
+    model = load_model(cache.model, cache.attrs.get("weights") or None, "cpu")
+    staged_parts(model)  # the runtime needs stages and heads
+    item = load_dataset(cache.dataset)[0][0]
+    x = item[None] if isinstance(item, Tensor) else select_rows(item, torch.zeros(1).long())
+    return model, x
