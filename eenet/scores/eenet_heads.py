@@ -191,10 +191,14 @@ def _epoch(net: EENetHeads, opt: _Adam, train: tuple[Tensor, Tensor, Tensor], co
     x, q_star, r_star = train
     n = x.shape[0]
     batch = n if cfg.batch_size is None else min(cfg.batch_size, n)
-    order = torch.randperm(n, generator=gen).to(x.device) if batch < n else None
+    if batch < n:
+        # one shuffled copy per epoch, then contiguous slices: a random gather per batch
+        # from a large array misses the caches and slows every step as n grows
+        order = torch.randperm(n, generator=gen).to(x.device)
+        x, q_star, r_star = x[order], q_star[order], r_star[order]
     total_loss = torch.zeros((), device=x.device)
     for begin in range(0, n, batch):
-        rows = slice(begin, begin + batch) if order is None else order[begin:begin + batch]
+        rows = slice(begin, begin + batch)
         scoring, assign, total = _objective(net, x[rows], q_star[rows], r_star[rows], costs,
                                             budget, cfg)
         loss = total if not cfg.alternate else (scoring if step % 2 == 0 else assign)
