@@ -99,7 +99,7 @@ class EENetConfig(TrainConfig):
         for name, minimum in (("hidden", 1), ("depth", 0), ("epochs", 1), ("patience", 1),
                               ("top_m", 1)):
             check_int(name, getattr(self, name), minimum)
-        if self.batch_size is not None:
+        if self.batch_size is not None and self.batch_size != "auto":
             check_int("batch_size", self.batch_size, 1)
         if self.num_threads is not None:
             check_int("num_threads", self.num_threads, 1)

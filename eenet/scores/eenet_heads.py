@@ -119,7 +119,10 @@ class TrainConfig:
         weight_decay: Adam (L2) weight decay.
         alpha_ce: weight of the assignment loss ``L_ce``.
         alpha_budget: weight of the budget loss ``L_budget``.
-        batch_size: samples per step; ``None`` trains full batch.
+        batch_size: samples per step; ``None`` trains full batch; ``"auto"`` (the
+            default) takes an eighth of the training part, between 256 and 1024, so an
+            epoch is at least eight steps and early stopping's patience, counted in
+            epochs, means enough optimisation on small caches too.
         patience: epochs without a holdout improvement before stopping.
         tol: relative holdout-loss decrease that counts as an improvement.
         alternate: alternate steps between the scoring term and the
@@ -136,7 +139,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     alpha_ce: float = 1.0
     alpha_budget: float = 1.0
-    batch_size: int | None = 1024
+    batch_size: int | str | None = "auto"
     patience: int = 5
     tol: float = 1e-3
     alternate: bool = False
@@ -190,7 +193,7 @@ def _epoch(net: EENetHeads, opt: _Adam, train: tuple[Tensor, Tensor, Tensor], co
     """One pass over the training part in shuffled mini-batches; (mean loss, steps so far)."""
     x, q_star, r_star = train
     n = x.shape[0]
-    batch = n if cfg.batch_size is None else min(cfg.batch_size, n)
+    batch = n if cfg.batch_size is None else min(_batch_size(cfg.batch_size, n), n)
     if batch < n:
         # one shuffled copy per epoch, then contiguous slices: a random gather per batch
         # from a large array misses the caches and slows every step as n grows
@@ -207,6 +210,11 @@ def _epoch(net: EENetHeads, opt: _Adam, train: tuple[Tensor, Tensor, Tensor], co
         step += 1
         total_loss += total.detach() * min(batch, n - begin)
     return float(total_loss) / n, step
+
+
+def _batch_size(setting: int | str, n: int) -> int:
+    """Samples per step: the setting, or for ``"auto"`` n/8 kept within [256, 1024]."""
+    return min(1024, max(256, n // 8)) if setting == "auto" else int(setting)
 
 
 def _holdout_loss(net: EENetHeads, held: tuple[Tensor, Tensor, Tensor], costs: Tensor,
