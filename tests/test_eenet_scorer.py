@@ -273,15 +273,7 @@ class TestScoring:
         with pytest.raises(EenetError, match="fitted on 10 classes, got 5"):
             fitted.start(3, 5)
 
-    def test_with_config_is_unfitted_and_changed(self, fitted):
-        other = fitted.with_config(hidden=3)
-        assert not other.is_fitted and other.config.hidden == 3
-        assert dataclasses.replace(other.config, hidden=16) == fitted.config
 
-
-# ---------------------------------------------------------------------------
-# fitting
-# ---------------------------------------------------------------------------
 class TestDeterminismAndState:
     def test_same_seed_identical_and_global_state_untouched(self, problem):
         threads = torch.get_num_threads()

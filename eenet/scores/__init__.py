@@ -145,8 +145,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("eenet", "EENet", "learned exit scores (EENet, WACV 2024) with eenet's target and "
            "features", EENetScorer, _EENET_CALIBRATIONS, learned=True),
     Method("eenet-paper", "EENet, paper recipe",
-           "EENet as published: the paper's scoring target and features, alternating "
-           "training, the learned exit distribution as quotas",
+           "EENet as published (the paper's scoring target and features, alternating "
+           "training, the learned exit distribution as quotas), except that the "
+           "distribution is tilted to meet the budget and the guard applies (--no-guard "
+           "removes it): the paper's quotas alone miss the budget",
            EENetScorer, ("assignment", "search", "geometric"),
            preset={"target": "correct", "features": "paper", "alternate": True}, learned=True),
     Method("maxprob", "MSDNet max-prob", "max class probability over a threshold (MSDNet)",

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -333,7 +333,3 @@ class EENetScorer:
         scorer._rbar = np.asarray(state["exit_distribution"], dtype=np.float64)
         scorer.diagnostics = dict(state.get("diagnostics") or {})
         return scorer
-
-    def with_config(self, **changes: Any) -> "EENetScorer":
-        """An unfitted scorer with some hyperparameters changed."""
-        return EENetScorer(**asdict(replace(self.config, **changes)))
