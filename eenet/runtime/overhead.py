@@ -72,7 +72,7 @@ def _leaving_at(policy: ExitPolicy, k: int) -> ExitPolicy:
 
 
 def policy_overhead(policy: ExitPolicy, cache: ExitCache, *, device: str | None = None,
-                    min_run_time: float = 0.1, model: nn.Module | None = None,
+                    min_run_time: float = 0.3, model: nn.Module | None = None,
                     example_input: Any = None) -> np.ndarray | None:
     """The policy's own cost ``O_k`` for a sample leaving at each exit, in the cache's unit.
 
