@@ -267,6 +267,26 @@ def seeded(seed: int, device: Any = "cpu", num_threads: int | None = None) -> It
                 torch.set_num_threads(old_threads)
 
 
+@contextlib.contextmanager
+def flush_denormals() -> Iterator[None]:
+    """Treat subnormal floats as zero on the CPU inside the block, then restore.
+
+    Adam's second-moment estimates of rarely-used weights decay into the subnormal
+    range on long fits, and x86 arithmetic on subnormals is ~100x slower: a 300k-sample
+    EENet fit took 46 s with them and 27 s without. torch has no getter for the
+    mode, so the previous state is read off how a subnormal survives a product.
+    """
+    import torch
+
+    was_on = bool((torch.tensor([1e-40], dtype=torch.float32) * 1.0).item() == 0.0)
+    supported = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if supported and not was_on:
+            torch.set_flush_denormal(False)
+
+
 # ---------------------------------------------------------------------------
 # atomic outputs, interrupted runs
 # ---------------------------------------------------------------------------

@@ -289,6 +289,8 @@ class TestDeterminismAndState:
         EENetScorer(**FAST).fit(problem, COSTS, 2.0, seed=7)
         assert torch.equal(torch.rand(3), expected)
         assert torch.get_num_threads() == threads
+        subnormal = torch.tensor([1e-40])
+        assert (subnormal * 1.0).item() > 0.0  # the fit flushes subnormals only inside it
 
     def test_state_round_trip(self, fitted, problem, tmp_path):
         torch.save(fitted.to_state(), tmp_path / "eenet.pt")

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from eenet._validation import (EenetError, check_choice, check_int, check_number, first_line,
-                               plain, seeded)
+                               flush_denormals, plain, seeded)
 from eenet.cache import ExitCache
 from eenet.scores.eenet_heads import EENetHeads, TrainConfig, train_heads
 from eenet.scores.eenet_losses import SCORE_TARGETS
@@ -267,7 +267,7 @@ class EENetScorer:
         features = self._cache_features(cache)
         correct = torch.from_numpy(np.array(cache.correct())).to(device)
         train_idx, hold_idx = stratified_split(cache.labels, cfg.holdout, seed)
-        with seeded(seed, device, cfg.num_threads):
+        with seeded(seed, device, cfg.num_threads), flush_denormals():
             net = EENetHeads(cache.n_exits, self.in_dim, cfg.hidden, cfg.depth).to(device)
             history = train_heads(net, features, correct, costs_t, budget / scale,
                                   torch.from_numpy(train_idx).to(device),
