@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from _toy_models import N_CLASSES, N_FEATURES, HookedMLP, ReversedHeads, StagedMLP
+from _toy_models import (N_CLASSES, N_FEATURES, HookedMLP, ReversedHeads, StagedMLP, staged,
+                         toy_data)
 from eenet._validation import EenetError
 from eenet.cache import ExitCache
 from eenet.examples.models import MultiExitCNN, fashion_mnist_cnn4
@@ -33,7 +34,7 @@ from eenet.policy import ExitPolicy
 from eenet.rules import Thresholds
 from eenet.runtime.hooks import HookedEarlyExit
 from eenet.runtime.model import EarlyExitModel, EarlyExitOutput
-from eenet.runtime.overhead import policy_overhead
+from eenet.runtime.overhead import choose_overhead, policy_overhead
 from eenet.scores import score_cache
 
 #: a served score may differ from the cached one by this much (logits differ by up to
@@ -647,6 +648,45 @@ class TestPolicyOverhead:
             charged = ExitPolicy("maxprob").fit(joules, CNN_BUDGET, overhead=policy_overhead)
         assert charged.overhead is None
         np.testing.assert_array_equal(charged.rule.values, policy.rule.values)
+
+
+class TestChooseOverhead:
+    """What ``--overhead auto|on|model|off`` charges, by the cache's provenance."""
+
+    @staticmethod
+    def toy_cache(**kw: Any) -> ExitCache:
+        x = toy_data(200).tensors[0]
+        cache = cache_by_running(staged(), x, np.array([0.1, 0.2, 0.4]), seed=0)
+        defaults = {"cost_unit": "ms", "cost_source": "measured"}
+        return ExitCache(cache.logits, cache.labels, cache.costs, **{**defaults, **kw})
+
+    def test_off_and_given_costs_charge_nothing(self):
+        assert choose_overhead("off", self.toy_cache()) is None
+        assert choose_overhead("auto", self.toy_cache(cost_source="given")) is None
+        assert choose_overhead("on", self.toy_cache(cost_source="given")) is policy_overhead
+
+    def test_auto_without_a_loadable_network_uses_the_stand_in(self, caplog):
+        with caplog.at_level("INFO", logger="eenet.runtime.overhead"):
+            assert choose_overhead("auto", self.toy_cache()) is policy_overhead
+        assert "stand-in" in caplog.text and "records no model" in caplog.text
+        missing = self.toy_cache(model="_toy_models:missing_fn", dataset="_toy_models:toy_data")
+        assert choose_overhead("auto", missing) is policy_overhead
+        flops = self.toy_cache(cost_unit="flops", cost_source="flops",
+                               model="_toy_models:staged", dataset="_toy_models:toy_data")
+        assert choose_overhead("auto", flops) is policy_overhead  # FLOPs are counted, not timed
+
+    def test_model_insists_on_the_network(self):
+        with pytest.raises(EenetError, match="records no model.*--overhead on"):
+            choose_overhead("model", self.toy_cache())
+
+    @pytest.mark.parametrize("mode", ["auto", "model"])
+    def test_times_inside_the_recorded_network(self, mode):
+        cache = self.toy_cache(model="_toy_models:staged", dataset="_toy_models:toy_data")
+        measure = choose_overhead(mode, cache)
+        assert measure is not None and measure is not policy_overhead
+        policy = fit_policy("maxprob", cache, 0.2)
+        over = measure(policy, cache)
+        assert over.shape == (3,) and np.all(np.isfinite(over))
 
 
 # ---------------------------------------------------------------------------

@@ -21,9 +21,9 @@ _EENET_DEFAULTS = {f.name: f.default for f in fields(EENetConfig)}
 OVERHEAD_HELP = ("Charge each policy its own cost per exit (scoring, thresholds, bookkeeping), "
                  "measured like the network's, so the budget fitted is the budget its runtime "
                  "spends. auto: when the cache's costs were measured (latency or FLOPs), not "
-                 "when they were given; on: always; model: timed inside the network the cache "
-                 "records (loaded here), which also counts what serving costs between its "
-                 "kernels; off: never.")
+                 "when they were given, timed inside the network the cache records when it "
+                 "loads here, around a stand-in network otherwise; model: inside the recorded "
+                 "network or an error; on: around the stand-in; off: never.")
 
 
 def read_split(path: Path, holdout: float | None, seed: int, part: str):
