@@ -298,8 +298,8 @@ class ExitPolicy:
                       if c] + (["nothing certified: the full model"]
                                if certified.get("fallback") else [])
         if self.overhead is not None:
-            parts.append(f"policy's own cost {self.overhead[0]:.3g} to {self.overhead[-1]:.3g} "
-                         f"{unit} per sample, included")
+            parts.append(f"policy's own cost included: {self.overhead[0]:.3g} {unit} by the "
+                         f"first exit to {self.overhead[-1]:.3g} by the last")
         return "; ".join(parts)
 
     # ---- checks ----------------------------------------------------------------
