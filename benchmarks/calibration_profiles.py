@@ -6,9 +6,11 @@ an earlier timing of the same networks on this machine (one forward per exit
 then, which charged the first exits more), equal stage costs (exit k costs
 k + 1), and the FLOPs counted by ``torch.utils.flop_counter``. For each
 profile, EENet's scores and max-probability are calibrated with the geometric
-rule (MSDNet's, the default) and with eenet's search, fitted on validation at
+rule (MSDNet's, the default), with eenet's search, and with ``select`` (the
+better of the two on held-out halves of validation), fitted on validation at
 the 10 default budgets of that profile with several seeds and evaluated on
-test; the network's costs alone are charged.
+test; the network's costs alone are charged. Last, the time one EENet fit
+takes with each calibration.
 
 Usage:
     python benchmarks/calibration_profiles.py --seeds 3 --out benchmarks/results/calibration_profiles.csv
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -33,7 +36,7 @@ from eenet.sweep import run_sweep
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _caches import bundled_caches  # noqa: E402
 
-METHODS = ["eenet", "eenet:search", "maxprob", "maxprob:search"]
+METHODS = ["eenet", "eenet:search", "eenet:select", "maxprob", "maxprob:search", "maxprob:select"]
 # The per-exit latencies (ms) this machine measured for the bundled networks with
 # eenet 0.1.0, which timed every exit by its own forward pass (the static rows of
 # that version's results/policy_quality.csv).
@@ -81,9 +84,30 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows.to_csv(args.out, index=False)
     md = args.out.with_suffix(".md")
-    md.write_text(summarise(rows))
+    md.write_text(summarise(rows) + fit_times(*bundled_caches("fashion_mnist_cnn4", args.cache_dir,
+                                                             args.data_dir)))
     print(md.read_text())
     print(f"wrote {args.out} and {md}")
+
+
+def fit_times(val, test, repeats: int = 5) -> str:
+    """Seconds of one ``ExitPolicy("eenet", calibration=...).fit`` per calibration (in
+    process, median of ``repeats`` interleaved runs) at the middle default budget."""
+    from eenet import ExitPolicy
+    from eenet.sweep import default_budgets
+
+    budget = float(default_budgets(val, 10)[5])
+    modes = ["geometric", "search", "select"]
+    times = {mode: [] for mode in modes}
+    ExitPolicy("maxprob").fit(val, budget)  # warm imports and caches
+    for _ in range(repeats):
+        for mode in modes:
+            started = time.perf_counter()
+            ExitPolicy("eenet", calibration=mode).fit(val, budget)
+            times[mode].append(time.perf_counter() - started)
+    cells = ", ".join(f"{mode} {np.median(t):.2f} s" for mode, t in times.items())
+    return (f"\nOne EENet fit on the cnn4 validation cache at {budget:.4g} ms (training and "
+            f"calibration, median of {repeats} interleaved runs): {cells}.\n")
 
 
 def summarise(rows: pd.DataFrame) -> str:

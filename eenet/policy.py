@@ -290,7 +290,9 @@ class ExitPolicy:
         label = "held-out " if certified else ("in-sample " if self.method.learned else "")
         budget = "no budget" if self.budget is None else f"budget {self.rule.budget:.4g} {unit}"
         guard = " + guard" if self.guard and not certified else ""
-        parts = [f"{self.method.name}, {budget}", f"calibration {self.calibration}{guard}",
+        selected = self.rule.diagnostics.get("selected")
+        calibration = f"{self.calibration} ({selected})" if selected else self.calibration
+        parts = [f"{self.method.name}, {budget}", f"calibration {calibration}{guard}",
                  f"{label}validation accuracy {self.rule.val_accuracy:.4f} at cost "
                  f"{self.rule.val_cost:.4g}"]
         if certified:

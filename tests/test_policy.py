@@ -111,6 +111,19 @@ class TestPersistence:
         assert again.describe() == policy.describe()
         assert [p.name for p in tmp_path.iterdir()] == ["p.pt"]  # no temporary left
 
+    def test_select_says_what_it_chose_and_keeps_it(self, tmp_path, example, fitted):
+        val, test = example
+        policy = copy.deepcopy(fitted["eenet"]).calibrate(val, mode="select")
+        chosen = policy.rule.diagnostics["selected"]
+        assert chosen in ("geometric", "search") and policy.rule.mode == "select"
+        assert f"calibration select ({chosen}) + guard" in policy.describe()
+        alone = copy.deepcopy(fitted["eenet"]).calibrate(val, mode=chosen)
+        np.testing.assert_array_equal(policy.exits(test), alone.exits(test))
+        policy.save(tmp_path / "p.pt")
+        again = ExitPolicy.load(tmp_path / "p.pt")
+        assert again.describe() == policy.describe()
+        np.testing.assert_array_equal(again.exits(test), policy.exits(test))
+
     def test_version_1_file_is_refused(self, tmp_path, fitted):
         state = fitted["maxprob"].to_state()
         state["format_version"] = 1

@@ -28,6 +28,7 @@ from eenet.synthetic import synthetic_cache
 
 COSTS4 = np.array([1.0, 1.5, 5.0, 6.0])
 COSTS3 = np.array([1.0, 2.0, 4.0])
+CHEAP_SECOND = np.array([1.0, 1.1, 5.0, 6.0])  # exit 1 costs little more than exit 0
 RTOL = 1e-9  # the library's slack when comparing a cost with a budget
 
 
@@ -656,6 +657,47 @@ class TestCalibrator:
                 assert rule.target < budget and "guard" in rule.diagnostics
         else:
             assert rule.target == budget
+
+    @pytest.mark.parametrize("guard", [False, True])
+    @pytest.mark.parametrize("budget", [1.3, 2.0, 4.0, 5.8])
+    def test_select_is_the_winner_calibrated_on_everything(self, guard, budget):
+        s, c, _ = synthetic(3000, seed=21, costs=CHEAP_SECOND)
+        rule = Calibrator(s, c, CHEAP_SECOND, mode="select", guard=guard, n_boot=5,
+                          seed=2).rule(budget)
+        held_out, chosen = rule.diagnostics["held_out_accuracy"], rule.diagnostics["selected"]
+        assert set(held_out) == {"geometric", "search"} and rule.mode == "select"
+        other = "search" if chosen == "geometric" else "geometric"
+        assert held_out[chosen] > held_out[other] or (
+            held_out[chosen] == held_out[other] and chosen == "geometric")  # ties: geometric
+        alone = Calibrator(s, c, CHEAP_SECOND, mode=chosen, guard=guard, n_boot=5,
+                           seed=2).rule(budget)
+        np.testing.assert_array_equal(rule.values, alone.values)
+        assert (rule.val_cost, rule.val_accuracy, rule.target) == (
+            alone.val_cost, alone.val_accuracy, alone.target)
+
+    @pytest.mark.parametrize("seed", [0, 1, 2])
+    def test_select_picks_what_is_better_on_new_data(self, seed):
+        """A second exit that costs little more than the first: the geometric distribution
+        cannot follow the costs at tight budgets (15 points behind the search on new
+        data), and is as good or better near the full model's cost."""
+        s, c, _ = synthetic(4000, seed=seed, costs=CHEAP_SECOND)
+        s_new, c_new, _ = synthetic(20000, seed=100 + seed, costs=CHEAP_SECOND)
+        rows = np.arange(len(s_new))
+        for budget in (1.3, 2.0, 4.0, 5.8):
+            new_accuracy = {}
+            for mode in ("geometric", "search", "select"):
+                rule = Calibrator(s, c, CHEAP_SECOND, mode=mode, guard=False,
+                                  seed=seed).rule(budget)
+                new_accuracy[mode] = c_new[rows, rule.exits(s_new)].mean()
+            best = max(new_accuracy["geometric"], new_accuracy["search"])
+            assert new_accuracy["select"] >= best - 0.001, (budget, new_accuracy)
+            if budget == 1.3:
+                assert new_accuracy["select"] > new_accuracy["geometric"] + 0.10
+
+    def test_select_has_no_family_to_certify(self):
+        s, c, costs = synthetic(500, seed=22)
+        with pytest.raises(EenetError, match="'select' chooses per budget.*--calibration search"):
+            Calibrator(s, c, costs, mode="select").candidates()
 
     def test_assignment_tilts_to_budget(self):
         s, c, costs = synthetic(4000, seed=11)

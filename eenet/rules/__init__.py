@@ -14,6 +14,13 @@ budget. The modes, in :data:`CALIBRATIONS`:
 - ``geometric``: MSDNet's exit distribution (Huang et al., ICLR 2018) as quotas.
 - ``patience``: PABEE's patience (Zhou et al., NeurIPS 2020), two values mixed by sample.
 - ``static``: everyone at the most accurate single exit that fits.
+- ``select``: ``geometric`` or ``search``, whichever is more accurate at the
+  budget on held-out halves of the calibration data (each half calibrates,
+  the other scores, both ways); the winner is then calibrated on all of it.
+  Neither of the two wins under every cost profile (benchmarks/RESULTS.md,
+  section 2), so this lets the calibration data decide, at the price of a
+  search and a geometric fit on each half. Switching between the two, it
+  is not monotone in the budget (neither is ``geometric``).
 
 With the guard on (:mod:`eenet.rules.guard`), the rule is calibrated to a cost
 a little below the budget so unseen data stays within it. :class:`Calibrator`
@@ -40,7 +47,7 @@ from eenet.rules.thresholds import Thresholds, apply_thresholds, mix_draws
 __all__ = ["CALIBRATIONS", "Calibrator", "Thresholds", "apply_thresholds", "calibrate",
            "mix_draws"]
 
-CalibrationMode = Literal["search", "assignment", "geometric", "patience", "static"]
+CalibrationMode = Literal["search", "assignment", "geometric", "patience", "static", "select"]
 
 #: Every calibration, with the one line the command line's help shows.
 CALIBRATIONS: dict[str, str] = {
@@ -49,7 +56,10 @@ CALIBRATIONS: dict[str, str] = {
     "geometric": "MSDNet's geometric exit distribution as quotas",
     "patience": "PABEE's patience; two neighbouring values mixed by sample",
     "static": "everyone at the most accurate single exit that fits",
+    "select": "geometric or search, whichever is more accurate on held-out halves of the "
+              "calibration data at the budget",
 }
+_SELECTABLE = ("geometric", "search")  # what ``select`` chooses between; ties go to the first
 _FRACTION_FLOOR = 1e-9  # mass given to empty exits when a tilt cannot reach the target
 _LADDER = 33  # target costs at which the search family's guard margins are measured
 
@@ -108,6 +118,7 @@ class Calibrator:
         self.ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
         self._family: SearchFamily | None = None
         self._margins: tuple[np.ndarray, np.ndarray, dict[str, Any]] | None = None
+        self._parts: dict[Any, Calibrator] = {}  # ``select``: calibrators of each half and mode
 
     # ---- budget -> rule -----------------------------------------------------
     def rule(self, budget: float) -> Thresholds:
@@ -117,6 +128,8 @@ class Calibrator:
             EenetError: a budget below the cheapest exit.
         """
         budget = check_budget(budget, self.costs)
+        if self.mode == "select":
+            return self._selected_rule(budget)
         if budget > self.costs[-1] * (1 + BUDGET_RTOL):
             warnings.warn(f"budget {budget:g} is above the last exit's cost "
                           f"{self.costs[-1]:g}; every exit is affordable", stacklevel=2)
@@ -153,6 +166,44 @@ class Calibrator:
             fractions=np.bincount(exits, minlength=k_exits) / exits.size,
             diagnostics={**diagnostics, **rule.diagnostics}, mix_seed=self.seed)
 
+    # ---- select: geometric or search, decided on held-out halves ------------------
+    def _part(self, mode: str, half: int | None) -> Calibrator:
+        """The calibrator of ``mode`` on one half (0, 1; no guard) or on everything."""
+        key = (mode, half)
+        if key not in self._parts:
+            if half is None:
+                rows, guard = slice(None), self.guard
+            else:
+                order = np.random.default_rng(self.seed).permutation(self.scores.shape[0])
+                rows, guard = np.sort(order[half::2]), False
+            self._parts[key] = Calibrator(
+                self.scores[rows], self.correct[rows], self.costs, mode=mode, guard=guard,
+                seed=self.seed, sample_ids=self.ids[rows], n_boot=self.n_boot,
+                level=self.level)
+        return self._parts[key]
+
+    def _held_out_accuracy(self, mode: str, budget: float) -> float:
+        """Accuracy of ``mode``'s rule for ``budget``, fitted on one half, on the other."""
+        right = 0.0
+        for half in (0, 1):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a half may be too small for a clean fit
+                rule = self._part(mode, half).rule(budget)
+            other = self._part(mode, 1 - half)
+            exits = rule.exits(other.scores, other.ids)
+            right += float(other.correct[np.arange(exits.size), exits].sum())
+        return right / self.scores.shape[0]
+
+    def _selected_rule(self, budget: float) -> Thresholds:
+        if self.scores.shape[0] < 2:  # no halves to compare on
+            held_out, chosen = {}, _SELECTABLE[0]
+        else:
+            held_out = {mode: self._held_out_accuracy(mode, budget) for mode in _SELECTABLE}
+            chosen = max(_SELECTABLE, key=lambda m: (held_out[m], -_SELECTABLE.index(m)))
+        rule = self._part(chosen, None).rule(budget)
+        return rule.with_record(mode="select", diagnostics={
+            **rule.diagnostics, "selected": chosen, "held_out_accuracy": held_out})
+
     # ---- the family, for certification ------------------------------------------
     def candidates(self, n_ladder: int = 64) -> list[Thresholds]:
         """The mode's one-parameter family of rules, from the cheapest to the full model.
@@ -165,6 +216,9 @@ class Calibrator:
         carries its cost and accuracy on this calibrator's data.
         """
         costs = self.costs
+        if self.mode == "select":
+            raise EenetError("calibration 'select' chooses per budget, so it has no family "
+                             "to certify; certify with --calibration search or geometric")
         if self.mode == "search":
             fam = self.family()
             rules = [Thresholds(fam.step(i)) for i in range(fam.n_steps)]

@@ -140,7 +140,7 @@ class Method:
 # EENet's learned scores with MSDNet's geometric exit distribution: inside the validation
 # split (benchmarks/choose_defaults.py) it ties the searched thresholds at tight budgets and
 # beats them at loose ones, where a search picks thresholds that fit the validation samples.
-_EENET_CALIBRATIONS = ("geometric", "search", "assignment")
+_EENET_CALIBRATIONS = ("geometric", "search", "assignment", "select")
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("eenet", "EENet", "learned exit scores (EENet, WACV 2024) with eenet's target and "
            "features", EENetScorer, _EENET_CALIBRATIONS, learned=True),
@@ -149,14 +149,15 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "training, the learned exit distribution as quotas), except that the "
            "distribution is tilted to meet the budget and the guard applies (--no-guard "
            "removes it): the paper's quotas alone miss the budget",
-           EENetScorer, ("assignment", "search", "geometric"),
+           EENetScorer, ("assignment", "search", "geometric", "select"),
            preset={"target": "correct", "features": "paper", "alternate": True}, learned=True),
     Method("maxprob", "MSDNet max-prob", "max class probability over a threshold (MSDNet)",
-           MaxProbScorer, ("geometric", "search"), aliases=("msdnet",)),
+           MaxProbScorer, ("geometric", "search", "select"), aliases=("msdnet",)),
     Method("entropy", "BranchyNet entropy", "1 - normalised entropy over a threshold "
-           "(BranchyNet)", EntropyScorer, ("geometric", "search"), aliases=("branchynet",)),
+           "(BranchyNet)", EntropyScorer, ("geometric", "search", "select"),
+           aliases=("branchynet",)),
     Method("patience", "PABEE patience", "leave once the answer held for t+1 exits (PABEE)",
-           PatienceScorer, ("patience", "geometric", "search"), aliases=("pabee",)),
+           PatienceScorer, ("patience", "geometric", "search", "select"), aliases=("pabee",)),
     Method("static", "static (one exit)", "everyone at the most accurate single exit that "
            "fits", ConstantScorer, ("static",)),
     Method("oracle", "oracle (uses labels)", "label-aware upper bound under the budget "
