@@ -1,6 +1,7 @@
 """The bundled networks' exit caches, built on first use (shared by the benchmark scripts)."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from eenet import ExitCache, read_cache
@@ -32,3 +33,11 @@ def bundled_caches(name: str, cache_dir: Path, data_dir: Path | None = None
         cache_model(MODELS[name], "fashion-mnist:test", test, data_dir=data_dir,
                     costs_from=val, device="cpu", verbose=False)
     return read_cache(val), read_cache(test)
+
+
+def add_cache_options(ap: argparse.ArgumentParser) -> None:
+    """``--cache-dir`` and ``--data-dir``, the options of every script on the bundled networks."""
+    ap.add_argument("--cache-dir", type=Path, default=Path("cache"),
+                    help="where the bundled networks' caches are kept (built when absent)")
+    ap.add_argument("--data-dir", type=Path, default=None,
+                    help="Fashion-MNIST idx files (default: the Debian package's)")

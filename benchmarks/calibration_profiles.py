@@ -34,7 +34,7 @@ from eenet.ingest.costs import measure_costs
 from eenet.sweep import run_sweep
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _caches import bundled_caches  # noqa: E402
+from _caches import add_cache_options, bundled_caches  # noqa: E402
 
 METHODS = ["eenet", "eenet:search", "eenet:select", "maxprob", "maxprob:search", "maxprob:select"]
 # The per-exit latencies (ms) this machine measured for the bundled networks with
@@ -61,8 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache-dir", type=Path, default=Path("cache"))
-    ap.add_argument("--data-dir", type=Path, default=None)
+    add_cache_options(ap)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration_profiles.csv"))
     args = ap.parse_args()
     warnings.simplefilter("ignore")

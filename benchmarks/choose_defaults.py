@@ -23,7 +23,7 @@ import eenet
 from eenet.sweep import run_sweep
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _caches import bundled_caches  # noqa: E402
+from _caches import add_cache_options, bundled_caches  # noqa: E402
 
 CANDIDATES = ["eenet", "eenet:search", "eenet:assignment", "eenet-paper", "eenet-paper:search",
               "maxprob", "maxprob:search", "entropy:search", "oracle"]
@@ -32,9 +32,7 @@ CANDIDATES = ["eenet", "eenet:search", "eenet:assignment", "eenet-paper", "eenet
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="fashion_mnist_cnn4,fashion_mnist_cnn6")
-    ap.add_argument("--cache-dir", type=Path, default=Path("cache"))
-    ap.add_argument("--data-dir", type=Path, default=None,
-                    help="Fashion-MNIST idx files (default: the Debian package's)")
+    add_cache_options(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-budgets", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/choose_defaults.csv"))

@@ -26,7 +26,7 @@ from eenet import ExitPolicy
 from eenet.sweep import default_budgets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _caches import MODELS, bundled_caches  # noqa: E402
+from _caches import MODELS, add_cache_options, bundled_caches  # noqa: E402
 
 SETTINGS = {"previous (512, 1e-2, patience 10)": dict(batch_size=512, lr=1e-2, patience=10),
             "fixed batch (1024, 2e-2, patience 5)": dict(batch_size=1024),
@@ -40,8 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache-dir", type=Path, default=Path("cache"))
-    ap.add_argument("--data-dir", type=Path, default=None)
+    add_cache_options(ap)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fit_settings.csv"))
     args = ap.parse_args()
     warnings.simplefilter("ignore")

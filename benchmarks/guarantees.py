@@ -49,7 +49,7 @@ from eenet.rules.certified import Guarantee
 from eenet.sweep import default_budgets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _caches import MODELS, bundled_caches  # noqa: E402
+from _caches import MODELS, add_cache_options, bundled_caches  # noqa: E402
 
 COLUMNS = ["part", "dataset", "model", "method", "setting", "budget", "confidence", "risk",
            "bound", "epsilon", "delta", "seed", "accuracy", "avg_cost", "cost_ratio",
@@ -247,8 +247,7 @@ def main() -> None:
     ap.add_argument("--n-budgets", type=int, default=10)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--parts", default="budget,risk")
-    ap.add_argument("--cache-dir", type=Path, default=Path("cache"))
-    ap.add_argument("--data-dir", type=Path, default=None)
+    add_cache_options(ap)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/guarantees.csv"))
     ap.add_argument("--tables-from", type=Path, default=None,

@@ -29,7 +29,7 @@ from eenet.report import format_summary
 from eenet.sweep import default_budgets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _caches import MODELS, bundled_caches  # noqa: E402
+from _caches import MODELS, add_cache_options, bundled_caches  # noqa: E402
 
 PUBLISHED = ["maxprob", "entropy", "patience", "static"]
 SEARCHED = ["maxprob:search", "entropy:search", "patience:search"]
@@ -121,8 +121,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="first seed")
     ap.add_argument("--n-budgets", type=int, default=10)
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--cache-dir", type=Path, default=Path("cache"))
-    ap.add_argument("--data-dir", type=Path, default=None)
+    add_cache_options(ap)
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/policy_quality.csv"))
     args = ap.parse_args()
