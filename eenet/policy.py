@@ -292,6 +292,7 @@ class ExitPolicy:
         guard = " + guard" if self.guard and not certified else ""
         selected = self.rule.diagnostics.get("selected")
         calibration = f"{self.calibration} ({selected})" if selected else self.calibration
+        auto = self.provenance.get("auto")
         parts = [f"{self.method.name}, {budget}", f"calibration {calibration}{guard}",
                  f"{label}validation accuracy {self.rule.val_accuracy:.4f} at cost "
                  f"{self.rule.val_cost:.4g}"]
@@ -302,6 +303,8 @@ class ExitPolicy:
         if self.overhead is not None:
             parts.append(f"policy's own cost included: {self.overhead[0]:.3g} {unit} by the "
                          f"first exit to {self.overhead[-1]:.3g} by the last")
+        if auto:
+            parts.append(_describe_auto(auto))
         return "; ".join(parts)
 
     # ---- checks ----------------------------------------------------------------
@@ -434,3 +437,16 @@ def _check_exit_count(cache: ExitCache) -> None:
         raise EenetError(f"{where}the cache has a single exit; an exit policy needs a network "
                          f"with at least two exits")
 
+
+def _describe_auto(record: dict[str, Any]) -> str:
+    """The winner of ``--method auto``, why, and the runners-up's out-of-fold accuracies."""
+    def accuracy(c: dict[str, Any]) -> float:
+        return c["accuracy"] if math.isfinite(c["accuracy"]) else -math.inf
+
+    chosen = next(c for c in record["candidates"] if c["status"] == "chosen")
+    others = sorted((c for c in record["candidates"] if c["status"] != "chosen"),
+                    key=accuracy, reverse=True)
+    listed = ", ".join(f"{c['method']} {c['accuracy']:.4f}" if math.isfinite(c["accuracy"])
+                       else f"{c['method']} cannot serve the budget" for c in others)
+    return (f"auto chose {record['chosen']}, {record['reason']} (out-of-fold accuracy "
+            f"{chosen['accuracy']:.4f} over {record['folds']} folds; {listed})")

@@ -15,7 +15,8 @@ from eenet.scores.eenet import EENetConfig
 
 #: ``--method`` accepts every name and alias of the method table (any case).
 METHOD_CHOICE = click.Choice(sorted({alias for m in METHODS.values() if m.deployable
-                                     for alias in (m.name, *m.aliases)}), case_sensitive=False)
+                                     for alias in (m.name, *m.aliases)} | {"auto"}),
+                             case_sensitive=False)
 CALIBRATION_CHOICE = click.Choice(["default", *CALIBRATIONS])
 _EENET_DEFAULTS = {f.name: f.default for f in fields(EENetConfig)}
 OVERHEAD_HELP = ("Charge each policy its own cost per exit (scoring, thresholds, bookkeeping), "
@@ -90,7 +91,8 @@ def _eenet_option(name: str, kind: click.ParamType, text: str):
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--method", type=METHOD_CHOICE, default="eenet", show_default=True,
               help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()
-                             if m.deployable))
+                             if m.deployable) + "; auto: the candidate most accurate at the "
+              "budget on folds of VAL, each charged its own cost (eenet.auto)")
 @click.option("--calibration", type=CALIBRATION_CHOICE, default="default", show_default=True,
               help="How scores become thresholds (default: the method's). "
                    + "; ".join(f"{k}: {v}" for k, v in CALIBRATIONS.items()))
@@ -122,7 +124,7 @@ def fit(ctx: click.Context, val: Path, budget: float | None, out: Path, method: 
 
     check_out_dir(out)
     seed = command_seed(ctx, seed)
-    learned = get_method(method).learned
+    learned = method.lower() == "auto" or get_method(method).learned
     changed = {k: v for k, v in hparams.items() if v != _EENET_DEFAULTS[k]}
     if changed and not learned:
         raise click.UsageError(f"{', '.join('--' + k.replace('_', '-') for k in changed)} "
@@ -131,14 +133,37 @@ def fit(ctx: click.Context, val: Path, budget: float | None, out: Path, method: 
     if budget is None and (guarantee is None or guarantee.confidence is not None):
         raise click.UsageError("give --budget (or --risk with --epsilon alone)")
     cache = read_split(val, holdout, seed, "fit")
-    policy = ExitPolicy(method, calibration=None if calibration == "default" else calibration,
-                        guard=not no_guard, seed=seed, device=ctx.obj["device"],
-                        **(changed if learned else {}))
-    policy.fit(cache, budget, overhead=choose_overhead(overhead, cache), guarantee=guarantee,
-               certify_fraction=certify_fraction, verbose=ctx.obj["progress"])
+    if method.lower() == "auto":
+        policy = _fit_auto(ctx, cache, budget, calibration, no_guard, seed, overhead, guarantee,
+                           changed)
+    else:
+        policy = ExitPolicy(method, calibration=None if calibration == "default"
+                            else calibration, guard=not no_guard, seed=seed,
+                            device=ctx.obj["device"], **(changed if learned else {}))
+        policy.fit(cache, budget, overhead=choose_overhead(overhead, cache),
+                   guarantee=guarantee, certify_fraction=certify_fraction,
+                   verbose=ctx.obj["progress"])
     policy.provenance.update(holdout=holdout, fit_cache=str(val.resolve()))
     policy.save(out)
     click.echo(f"wrote {out}: {policy.describe()}")
+
+
+def _fit_auto(ctx: click.Context, cache, budget: float | None, calibration: str,
+              no_guard: bool, seed: int, overhead: str, guarantee, hparams: dict):
+    """``fit --method auto``: every candidate on folds of the cache, the best one kept."""
+    from eenet.auto import fit_auto
+    from eenet.runtime.overhead import choose_overhead
+
+    if guarantee is not None:
+        raise click.UsageError("--method auto compares accuracies out of fold and cannot "
+                               "certify a budget or a risk; fit the chosen method with "
+                               "--confidence/--risk")
+    if calibration != "default":
+        raise click.UsageError("--method auto uses each candidate's default calibration; "
+                               "drop --calibration or name a method")
+    return fit_auto(cache, budget, overhead=choose_overhead(overhead, cache), seed=seed,
+                    guard=not no_guard, device=ctx.obj["device"],
+                    verbose=ctx.obj["progress"], **hparams)
 
 
 @main.command(epilog="Example: eenet calibrate policy.pt cache/fmnist_val.h5 --risk consistency "
