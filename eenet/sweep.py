@@ -39,6 +39,8 @@ __all__ = ["COLUMNS", "DEFAULT_METHODS", "MethodSpec", "default_budgets", "parse
 COLUMNS = ["method", "budget", "accuracy", "avg_cost", "val_accuracy", "val_avg_cost",
            "exit_fractions", "n_samples", "seed", "risk_consistency", "risk_gap", "risk_brier",
            "epsilon"]
+#: The method name that picks, per budget, the candidate most accurate out of fold.
+AUTO = "auto"
 DEFAULT_METHODS = ["eenet", "maxprob", "entropy", "patience", "static", "oracle"]
 
 
@@ -87,6 +89,11 @@ def parse_method_spec(spec: str, calibration: str | None = None) -> MethodSpec:
         MethodSpec(name='maxprob', calibration='search', label='maxprob:search')
     """
     name, _, calib = spec.strip().partition(":")
+    if name.strip().lower() == AUTO:
+        if calib.strip():
+            raise EenetError("auto uses each candidate's default calibration; write it as "
+                             "'auto'")
+        return MethodSpec(AUTO, None, AUTO)
     method = get_method(name)
     calib = calib.strip() or None
     if calib is not None:
@@ -144,6 +151,23 @@ def _learned_row(val: ExitCache, test: ExitCache, spec: MethodSpec, budget: floa
     return _row(spec.label, budget, seed, result, policy.val_accuracy, policy.val_cost)
 
 
+def _auto_row(val: ExitCache, test: ExitCache, budget: float, seed: int,
+              hparams: dict[str, Any], own: dict[str, np.ndarray | None] | None
+              ) -> dict[str, Any]:
+    """``auto`` at one budget: the candidate most accurate on folds of ``val``, on ``test``."""
+    from eenet.auto import fit_auto
+
+    measured = None if own is None else (lambda policy, cache: own[policy.method.name])
+    device = hparams.pop("device", "cpu")
+    try:
+        policy = fit_auto(val, budget, overhead=measured, seed=seed, device=device, **hparams)
+    except EenetError:  # no candidate serves the budget once its own cost is counted
+        return _unservable(AUTO, budget, seed, test)
+    result = evaluate_exits(policy.exits(test), test, method=AUTO, budget=budget,
+                            costs=policy.costs_for(test))
+    return _row(AUTO, budget, seed, result, policy.val_accuracy, policy.val_cost)
+
+
 def _oracle_rows(val: ExitCache, test: ExitCache, budgets: np.ndarray, seed: int
                  ) -> list[dict[str, Any]]:
     rows = []
@@ -177,6 +201,8 @@ def _task(val: ExitCache, test: ExitCache, task: tuple) -> list[dict[str, Any]]:
             return _oracle_rows(val, test, budgets, seed)
         if kind == "fixed":
             return _fixed_rows(val, test, spec, budgets, seed, overhead)
+        if kind == AUTO:
+            return [_auto_row(val, test, float(budgets[0]), seed, dict(hparams), overhead)]
         return [_learned_row(val, test, spec, float(budgets[0]), seed, hparams, overhead)]
 
 
@@ -192,6 +218,25 @@ def _measure_overhead(val: ExitCache, spec: MethodSpec, budget: float,
     policy.scorer.fit(val, val.costs, budget)
     measured = measure(policy, val)
     return None if measured is None else np.asarray(measured, dtype=np.float64)
+
+
+def _auto_tasks(val: ExitCache, budgets: np.ndarray, seeds: Sequence[int],
+                hparams: dict[str, Any] | None, device: str,
+                overhead: Callable[[ExitPolicy, ExitCache], Any] | None, risk_sweep: bool
+                ) -> list[tuple]:
+    """One ``auto`` task per (budget, seed), every candidate's own cost measured once."""
+    from eenet.auto import AUTO_METHODS
+
+    if risk_sweep:
+        raise EenetError("auto compares accuracies at a budget and cannot certify a risk; "
+                         "leave it out of a risk sweep (--epsilons)")
+    own = None
+    if overhead is not None:
+        own = {m: _measure_overhead(val, MethodSpec(m, None, m), float(budgets[0]), overhead)
+               for m in AUTO_METHODS}
+    hp = {**(hparams or {}), "device": device}
+    return [(AUTO, MethodSpec(AUTO, None, AUTO), np.array([b]), int(seed), hp, own)
+            for seed in seeds for b in budgets]
 
 
 _WORKER_CACHES: tuple[ExitCache, ExitCache] | None = None
@@ -287,6 +332,10 @@ def run_sweep(val: ExitCache, test: ExitCache, *, budgets: Sequence[float] | Non
         [check_budget(b, val.costs, unit=val.cost_unit) for b in budgets], dtype=float))
     tasks: list[tuple] = []
     for spec in specs:
+        if spec.name == AUTO:
+            tasks += _auto_tasks(val, budgets, seeds, hparams, device, overhead,
+                                 risk is not None and bool(epsilons))
+            continue
         own = None
         if overhead is not None and spec.name != "oracle":
             own = _measure_overhead(val, spec, float(budgets[0]), overhead)
@@ -305,7 +354,7 @@ def run_sweep(val: ExitCache, test: ExitCache, *, budgets: Sequence[float] | Non
                           for b in budgets]
             else:
                 tasks.append(("fixed", spec, budgets, int(seed), None, own))
-    tasks.sort(key=lambda t: t[0] not in ("learned", "risk"))  # slow cells first
+    tasks.sort(key=lambda t: t[0] not in ("learned", "risk", AUTO))  # slow cells first
     rows = _run(val, test, tasks, jobs, verbose)
     val_correct = val.correct()
     for k in range(val.n_exits):

@@ -146,3 +146,26 @@ class TestCommandLine:
                                            "--out", str(tmp_path / "p.pt")])
         assert result.exit_code == 2
         assert "uses each candidate's default calibration" in result.output
+
+
+class TestSweep:
+    def test_auto_rows(self):
+        from eenet.sweep import run_sweep
+
+        val, test = synthetic_cache(2000, seed=7), synthetic_cache(2000, seed=8)
+        table = run_sweep(val, test, budgets=[3.0, 5.0], methods=["auto", "maxprob"],
+                          hparams=FAST, jobs=1, verbose=False)
+        auto = table[table["method"] == "auto"]
+        assert len(auto) == 2 and np.all(np.isfinite(auto["accuracy"]))
+        assert np.all(auto["avg_cost"] <= auto["budget"] * 1.02)
+
+    def test_auto_has_no_calibration_and_no_risk_sweep(self):
+        from eenet.rules.certified import Guarantee
+        from eenet.sweep import parse_method_spec, run_sweep
+
+        with pytest.raises(EenetError, match="auto uses each candidate's default calibration"):
+            parse_method_spec("auto:search")
+        val = synthetic_cache(500, seed=9)
+        with pytest.raises(EenetError, match="cannot certify a risk"):
+            run_sweep(val, val, methods=["auto"], risk=Guarantee(risk="consistency", epsilon=0.05),
+                      epsilons=[0.05], jobs=1, verbose=False)
