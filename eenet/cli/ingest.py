@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from eenet.cli import (check_out_dir, echo_json, fmt_costs, handle_errors, main, parse_floats,
+from eenet.cli import (check_output, echo_json, fmt_costs, handle_errors, main, parse_floats,
                        parse_names)
 
 
@@ -69,7 +69,9 @@ def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: 
     from eenet.ingest.model import CacheOptions, cache_model
     from eenet.ingest.stream import PartialRun
 
-    check_out_dir(out)
+    check_output(out, inputs={"--weights": weights, "--costs-from": costs_from,
+                              "--model": _existing(model_spec), "--data": _existing(data_spec)},
+                 binary="an HDF5 cache")
     cost_spec: Any = costs if costs in ("measured", "flops") else parse_floats(costs, "--costs")
     opts = CacheOptions(weights=weights, data_dir=data_dir, split=split,
                         device=device or ctx.obj["device"], batch_size=batch_size,
@@ -93,6 +95,11 @@ def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: 
     click.echo(f"wrote {path}: {n_samples} samples x {n_exits} exits x {n_classes} "
                f"classes, costs {fmt_costs(c.costs)} {c.cost_unit} ({c.cost_source}"
                f"{', from ' + str(costs_from) if costs_from else ''})")
+
+
+def _existing(spec: str) -> str | None:
+    """A ``--model``/``--data`` spec when it names a file (TorchScript, ``.npz``), else None."""
+    return spec if os.path.isfile(spec) else None
 
 
 @main.command("import", epilog="Example: eenet import val_logits.npz --out cache/val.h5 "
@@ -120,7 +127,8 @@ def import_(src: Path, out: Path, labels: Path | None, costs: str | None, cost_u
     """Turn logits or probabilities you already have into an exit cache."""
     from eenet.ingest.arrays import import_exit_outputs
 
-    check_out_dir(out)
+    check_output(out, inputs={"SRC": src, "--labels": labels, "--costs-from": costs_from},
+                 binary="an HDF5 cache")
     c = import_exit_outputs(src, out, dtype=dtype, labels=labels,
                             costs=parse_floats(costs, "--costs"), cost_unit=cost_unit,
                             costs_from=costs_from, layout=layout, probs=probs, model=model,

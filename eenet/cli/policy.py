@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from eenet.cli import check_out_dir, command_seed, echo_json, handle_errors, main
+from eenet.cli import check_output, command_seed, echo_json, handle_errors, main
 from eenet.rules import CALIBRATIONS
 from eenet.rules.certified import RISK_RANGES
 from eenet.rules.certify import COST_BOUNDS, RISK_BOUNDS
@@ -120,7 +120,7 @@ def fit(ctx: click.Context, val: Path, budget: float | None, out: Path, method: 
     from eenet.runtime.overhead import choose_overhead
     from eenet.scores import get_method
 
-    check_out_dir(out)
+    check_output(out, inputs={"VAL": val}, binary="a policy file")
     seed = command_seed(ctx, seed)
     learned = get_method(method).learned
     changed = {k: v for k, v in hparams.items() if v != _EENET_DEFAULTS[k]}
@@ -162,7 +162,8 @@ def calibrate(policy_path: Path, val: Path, budget: float | None, mode: str, no_
     from eenet.cache import read_cache
     from eenet.policy import ExitPolicy
 
-    out = check_out_dir(out or policy_path)
+    # POLICY itself is the default output: it is read whole before anything is written
+    out = check_output(out or policy_path, inputs={"VAL": val}, binary="a policy file")
     policy = ExitPolicy.load(policy_path)
     policy.calibrate(read_cache(val), budget, mode=None if mode == "default" else mode,
                      guard=False if no_guard else None,
