@@ -324,6 +324,34 @@ class TestNoOptionIgnored:
                               "--out", tmp_path / "s.csv"), code=2)
         assert named in line and not (tmp_path / "s.csv").exists()
 
+    @pytest.mark.parametrize("extra, named", [
+        (["--delta", "0.2"], "--delta"), (["--bound", "ltt"], "--bound"),
+        (["--certify-fraction", "0.3"], "--certify-fraction"),
+        (["--cost-bound", "hoeffding"], "--cost-bound"),
+        (["--risk", "consistency", "--epsilon", "0.1", "--cost-bound", "hoeffding"],
+         "--cost-bound"),
+    ])
+    def test_fit_refuses_guarantee_options_without_a_guarantee(self, tmp_path, val, extra,
+                                                              named):
+        line = error_line(run("fit", val, "--method", "maxprob", "--budget", 2, *extra,
+                              "--out", tmp_path / "p.pt"), code=2)
+        assert named in line and not (tmp_path / "p.pt").exists()
+
+    def test_a_cost_unit_that_would_be_ignored_is_refused(self, tmp_path, net):
+        line = error_line(run("cache", "--model", MODEL, "--data", net["data"], "--costs",
+                              "flops", "--cost-unit", "us", "--out", tmp_path / "c.h5"), code=2)
+        assert "--cost-unit is the unit of given --costs values" in line
+        line = error_line(run("cache", "--model", MODEL, "--data", net["data"], "--costs-from",
+                              net["cache"], "--cost-unit", "us", "--out", tmp_path / "c.h5"),
+                          code=2)
+        assert "--costs-from copies the unit" in line
+        c = synthetic_cache(30, n_exits=3, n_classes=3)
+        np.savez(tmp_path / "s.npz", logits=c.logits, labels=c.labels)
+        line = error_line(run("import", tmp_path / "s.npz", "--costs-from", net["cache"],
+                              "--cost-unit", "us", "--out", tmp_path / "c.h5"), code=2)
+        assert "drop --cost-unit" in line
+        assert not (tmp_path / "c.h5").exists()
+
     @pytest.mark.parametrize("command", ["sweep", "quickstart"])
     def test_an_empty_method_list_is_refused(self, tmp_path, val, command):
         args = ([val, "--holdout", 0.5, "--out", tmp_path / "s.csv"] if command == "sweep"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from eenet.cli import check_output, command_seed, echo_json, handle_errors, main
+from eenet.cli import check_output, command_seed, echo_json, given, handle_errors, main
 from eenet.rules import CALIBRATIONS
 from eenet.rules.certified import RISK_RANGES
 from eenet.rules.certify import COST_BOUNDS, RISK_BOUNDS
@@ -69,9 +69,21 @@ def guarantee_options(fn):
 
 def make_guarantee(confidence: float | None, cost_bound: str, risk: str | None,
                    epsilon: float | None, delta: float, risk_bound: str):
-    """The :class:`~eenet.rules.certified.Guarantee` the options ask for, or None."""
+    """The :class:`~eenet.rules.certified.Guarantee` the options ask for, or None.
+
+    Options that only shape a guarantee are refused when none is asked for
+    (they would be ignored).
+    """
+    ctx = click.get_current_context()
     if confidence is None and risk is None and epsilon is None:
+        unused = given(ctx, "cost_bound", "delta", "risk_bound", "certify_fraction")
+        if unused:
+            raise click.UsageError(f"{', '.join(unused)} shape a guarantee; add --confidence "
+                                   f"or --risk with --epsilon, or drop them")
         return None
+    if confidence is None and given(ctx, "cost_bound"):
+        raise click.UsageError("--cost-bound bounds the cost certified by --confidence; add "
+                               "--confidence or drop it")
     from eenet.rules.certified import Guarantee
 
     return Guarantee(confidence=confidence, cost_bound=cost_bound, risk=risk, epsilon=epsilon,

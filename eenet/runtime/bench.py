@@ -23,12 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from eenet._validation import EenetError, first_line, resolve_device
+from eenet._validation import EenetError, first_line, network_fingerprint, resolve_device
 from eenet.ingest.forward import to_device
 from eenet.ingest.resolve import describe
 from eenet.runtime.model import EarlyExitModel, EarlyExitOutput
 
-__all__ = ["BenchResult", "ServedSplit", "bench_policy", "serve"]
+__all__ = ["BenchResult", "ServedSplit", "bench_policy", "check_served_network", "serve"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,12 @@ def serve(served: EarlyExitModel, dataset: Any, *, batch_size: int = 256,
         device: where to run.
         limit: serve only the first ``limit`` samples.
         verbose: progress bar on stderr.
+
+    Raises:
+        EenetError: the network is not the policy's (its fingerprint, its class
+            count), the inputs do not suit it, or the labels lie outside its classes.
     """
+    check_served_network(served)
     dev = resolve_device(device)
     served.to(dev)
     outs: list[EarlyExitOutput] = []
@@ -99,6 +104,14 @@ def serve(served: EarlyExitModel, dataset: Any, *, batch_size: int = 256,
                        exit=torch.cat([o.exit for o in outs]).cpu().numpy(),
                        score=torch.cat([o.score for o in outs]).cpu().numpy(),
                        label=np.concatenate(labels))
+
+
+def check_served_network(served: EarlyExitModel) -> None:
+    """Refuse a network whose parameters are not those of the network the policy was
+    fitted on, when the policy records them (:meth:`ExitPolicy.check_network`)."""
+    policy = served.policy
+    if policy.reference and policy.reference.get("network_sha256"):
+        policy.check_network(network_fingerprint(served.model))
 
 
 def _run_checked(served: EarlyExitModel, x: Any, ids: torch.Tensor, start: int
