@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import signal
+import stat
 import threading
 import uuid
 import warnings
@@ -31,15 +32,20 @@ __all__ = [
     "check_finite",
     "check_int",
     "check_labels",
+    "check_not_input",
     "check_number",
     "first_line",
+    "network_fingerprint",
+    "output_target",
     "parse_costs",
     "pid_alive",
     "plain",
     "resolve_device",
+    "same_file",
     "seeded",
     "remove_stale_temporaries",
     "terminate_on_signals",
+    "torch_load_problem",
 ]
 
 #: relative slack when comparing a cost with a budget
@@ -211,6 +217,88 @@ def plain(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------
+# output paths: where a write lands, and that it destroys no input
+# ---------------------------------------------------------------------------
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def output_target(path: str | os.PathLike) -> Path:
+    """The file a write to ``path`` replaces: ``path``, or what it links to.
+
+    eenet writes every output whole under a temporary name and renames it over
+    the target, so a symbolic link is followed (the file it names is replaced
+    and the link stays) and anything that is not a regular file (a FIFO, a
+    device, a socket) is refused rather than replaced.
+
+    Raises:
+        EenetError: ``path`` is a directory or a special file, or its directory is missing.
+    """
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    if target.is_dir():
+        raise EenetError(f"{path} is a directory; give a file name")
+    if not target.parent.is_dir():
+        raise EenetError(f"output directory {target.parent} does not exist; create it first "
+                         f"(mkdir -p {target.parent})")
+    if target.exists() and not target.is_file():
+        mode = target.stat().st_mode
+        kind = next((text for test, text in _SPECIAL_FILES if test(mode)), "a special file")
+        raise EenetError(f"{path} is {kind}, not a regular file; eenet writes its outputs "
+                         f"whole and renames them into place, so give a regular file name")
+    return target
+
+
+def check_not_input(out: str | os.PathLike,
+                    inputs: Mapping[str, str | os.PathLike | None], *,
+                    option: str = "the output") -> None:
+    """Refuse an output that is one of the command's inputs, however it is spelled.
+
+    ``./a.h5``, ``dir/../a.h5``, a symbolic link to ``a.h5`` and a hard link
+    all name the same file as ``a.h5``: writing any of them would replace the
+    input the command is reading.
+
+    Args:
+        out: the output path.
+        inputs: the inputs by the name the user knows them by (``"VAL"``,
+            ``"--costs-from"``); ``None`` and paths that do not exist are skipped.
+        option: how the output is named in the message (``"--out"``).
+
+    Raises:
+        EenetError: naming the output, the input and the fix.
+    """
+    for name, given in inputs.items():
+        if given is not None and same_file(out, given):
+            raise EenetError(f"{option} {out} is the input {name} ({given}); writing it would "
+                             f"destroy that input: choose another output file")
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: the same file on disk (links followed) when both
+    exist, the same absolute path with links resolved otherwise."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def torch_load_problem(err: BaseException, path: str | os.PathLike) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in a few words of eenet's own.
+
+    torch wraps every failure of its weights-only unpickler in advice to load
+    with ``weights_only=False``, which would run whatever code the file holds;
+    eenet never does that, so the advice is replaced.
+    """
+    import zipfile
+
+    text = str(err)
+    if "Unsupported global" in text:
+        return "it holds Python objects, not only tensors and plain containers"
+    if "Weights only load failed" in text or not zipfile.is_zipfile(path):
+        return "not a torch.save archive, or a damaged one"
+    return first_line(err)
+
+
+# ---------------------------------------------------------------------------
 # devices and seeds (torch imported on use)
 # ---------------------------------------------------------------------------
 def resolve_device(device: Any = "auto") -> Any:
@@ -246,6 +334,37 @@ def resolve_device(device: Any = "auto") -> Any:
         raise EenetError(f"device {str(dev)!r} asked for but CUDA is not available to torch "
                          f"{torch.__version__}; use --device cpu or --device auto")
     return dev
+
+
+def network_fingerprint(model: Any) -> str:
+    """SHA-256 of a network's state dict: every parameter's and buffer's name, dtype,
+    shape and bytes, in name order (hex, 64 characters).
+
+    Caches record it (root attribute ``network_sha256``), policies copy it, and
+    ``eenet evaluate``/``calibrate``/``run``/``bench`` refuse a network whose
+    fingerprint differs. It does not depend on the device, the path the
+    weights came from or how the model was built, only on the numbers.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0); a = torch.nn.Linear(2, 2)
+        >>> _ = torch.manual_seed(0); b = torch.nn.Linear(2, 2)
+        >>> network_fingerprint(a) == network_fingerprint(b) != network_fingerprint(
+        ...     torch.nn.Linear(2, 2))
+        True
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        if not isinstance(value, torch.Tensor):
+            continue
+        t = value.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(value.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -361,10 +480,12 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     only ever replaced whole (``os.replace``). Leftovers of killed runs are
     removed first (:func:`remove_stale_temporaries`). An ``OSError`` while
     writing (a full disk, say) becomes a one-line :class:`EenetError` that
-    names the path and the fix.
+    names the path and the fix. A symbolic link is written through: the file
+    it points to is replaced and the link stays (:func:`output_target`).
 
     Raises:
-        EenetError: the directory does not exist, or writing failed.
+        EenetError: the directory does not exist, ``path`` is not a regular
+            file (a FIFO, a device), or writing failed.
 
     Example:
         >>> import tempfile, os
@@ -374,12 +495,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         >>> open(target).read()
         'a,b\\n'
     """
-    path = Path(path)
-    if path.is_dir():
-        raise EenetError(f"{path} is a directory; give a file name")
-    if not path.parent.is_dir():
-        raise EenetError(f"output directory {path.parent} does not exist; create it first "
-                         f"(mkdir -p {path.parent})")
+    path = output_target(path)
     remove_stale_temporaries(path)
     tmp = _temporary_name(path)
     with _LIVE_LOCK:

@@ -19,7 +19,6 @@ import copy
 import io
 import math
 import os
-import zipfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +27,9 @@ import numpy as np
 import torch
 
 from eenet import __version__
-from eenet._validation import EenetError, atomic_output, check_budget, check_choice
+from eenet._validation import (EenetError, atomic_output, check_budget, check_choice,
+                               check_costs, check_int, first_line,
+                               torch_load_problem)
 from eenet.cache import ExitCache
 from eenet.evaluate import EvalResult, evaluate_exits, risk_table
 from eenet.rules import Calibrator, Thresholds
@@ -159,7 +160,8 @@ class ExitPolicy:
         self.reference = {"n_exits": cache.n_exits, "n_classes": cache.n_classes,
                           "cost_unit": cache.cost_unit, "model": cache.model,
                           "dataset": cache.dataset, "costs": cache.costs.tolist(),
-                          "cost_source": cache.cost_source}
+                          "cost_source": cache.cost_source,
+                          "network_sha256": network_of(cache)}
         fit_part, certify = cache, None
         if guarantee is not None:
             fit_part, certify = cache.holdout_split(certify_fraction, seed=self.seed)
@@ -321,6 +323,7 @@ class ExitPolicy:
             raise EenetError(f"{where}the cache has {cache.n_exits} exits x {cache.n_classes} "
                              f"classes but the policy was fitted on {ref['n_exits']} x "
                              f"{ref['n_classes']}; use a cache of the same network")
+        self.check_network(network_of(cache), where=where)
         if cache.cost_unit != ref["cost_unit"]:
             raise EenetError(f"{where}costs are in {cache.cost_unit!r} but the policy's budget "
                              f"is in {ref['cost_unit']!r}; use caches with the same cost unit")
@@ -333,6 +336,26 @@ class ExitPolicy:
                           f"cost is not comparable with the budget; cache this split with "
                           f"`eenet cache ... --costs-from VAL.h5` (or `eenet import ... "
                           f"--costs-from VAL.h5`) to reuse the validation costs", stacklevel=3)
+
+    def check_network(self, fingerprint: str, *, where: str = "") -> None:
+        """Refuse a network whose parameters are not those of the network the policy was
+        fitted on (its ``network_sha256``, see :func:`eenet._validation.network_fingerprint`).
+
+        Nothing is compared when either side has no fingerprint (a cache made by
+        ``eenet import`` or by an older eenet, or a policy fitted on one).
+
+        Raises:
+            EenetError: both fingerprints are known and differ.
+        """
+        self._require("check_network", fitted=False)
+        ref: dict[str, Any] = self.reference  # type: ignore[assignment]
+        mine = str(ref.get("network_sha256") or "")
+        if mine and fingerprint and fingerprint != mine:
+            raise EenetError(f"{where}the network's parameters (fingerprint {fingerprint[:12]}) "
+                             f"are not those of the network the policy was fitted on "
+                             f"({mine[:12]}, model {ref['model']!r}): another "
+                             f"network, or the same one trained again; fit a policy on a "
+                             f"cache of this network")
 
     def _seen(self, cache: ExitCache) -> int:
         """How many samples of ``cache`` the policy was fitted on."""
@@ -390,14 +413,21 @@ class ExitPolicy:
             policy = cls(state["method"], calibration=state["calibration"],
                          guard=state["guard"], seed=state["seed"], **state["hparams"])
             policy.scorer = scorer_from_state(state["scorer"])
-            policy.reference = dict(state["reference"])
+            policy.reference = _check_reference(state["reference"], source)
             policy.rule = Thresholds.from_dict(state["rule"])
-            policy.overhead = None if state["overhead"] is None else np.asarray(
-                state["overhead"], dtype=np.float64)
+            n_exits = policy.reference["n_exits"]
+            if policy.rule.n_exits != n_exits:
+                raise EenetError(f"{source}: the policy's thresholds are for "
+                                 f"{policy.rule.n_exits} exits but its network has {n_exits}; "
+                                 f"the file is damaged or edited by hand: fit it again")
+            policy.overhead = None if state["overhead"] is None else _check_overhead(
+                state["overhead"], n_exits)
             fps = state.get("fit_fingerprints")
             policy._fit_fingerprints = None if fps is None else fps.numpy()
             policy.provenance = dict(state.get("provenance") or {})
-        except (KeyError, TypeError, AttributeError) as err:
+        except EenetError:
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise EenetError(f"{source}: the policy file is incomplete or damaged "
                              f"({type(err).__name__}: {err}); fit it again") from None
         return policy
@@ -411,16 +441,41 @@ class ExitPolicy:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several unrelated types for damaged files
-            text = str(err)
-            if "Unsupported global" in text:
-                why = "it holds Python objects, not only tensors and plain containers"
-            elif "Weights only load failed" in text or not zipfile.is_zipfile(path):
-                why = "not a torch.save archive, or a damaged one"
-            else:
-                why = (text.strip().splitlines() or [type(err).__name__])[0]
-            raise EenetError(f"{path}: not a readable policy file ({why}); it is corrupt or "
-                             f"not made by `eenet fit`") from None
+            raise EenetError(f"{path}: not a readable policy file "
+                             f"({torch_load_problem(err, path)}); it is corrupt or not made by "
+                             f"`eenet fit`") from None
         return cls.from_state(state, source=str(path))
+
+
+def network_of(cache: ExitCache) -> str:
+    """The fingerprint of the network ``cache`` was made with (``""`` when it records none)."""
+    return str(cache.attrs.get("network_sha256", "") or "")
+
+
+def _check_reference(reference: Any, source: str) -> dict[str, Any]:
+    """A policy file's record of its network, checked field by field.
+
+    Raises:
+        EenetError: a field is missing or of the wrong kind (a hand-edited or damaged file).
+    """
+    if not isinstance(reference, dict):
+        raise EenetError(f"{source}: the policy's record of its network is missing or "
+                         f"damaged; fit it again")
+    ref = dict(reference)
+    key = "n_exits"
+    try:
+        ref[key] = check_int(key, ref.get(key), minimum=2)
+        key = "n_classes"
+        ref[key] = check_int(key, ref.get(key), minimum=1)
+        key = "costs"
+        ref[key] = check_costs(ref.get(key), ref["n_exits"]).tolist()
+        for key in ("cost_unit", "model", "dataset", "cost_source", "network_sha256"):
+            if not isinstance(ref.get(key, ""), str):
+                raise EenetError(f"must be a string, got {ref[key]!r}")
+    except (EenetError, TypeError, ValueError) as err:
+        raise EenetError(f"{source}: the policy file is damaged or edited by hand (its "
+                         f"network record, {key}: {first_line(err)}); fit it again") from None
+    return ref
 
 
 def _check_overhead(overhead: Any, n_exits: int) -> np.ndarray:

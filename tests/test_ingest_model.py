@@ -24,6 +24,7 @@ from eenet.ingest.costs import CostReport, measure_costs
 from eenet.ingest.data import load_dataset
 from eenet.ingest.forward import find_exit_modules
 from eenet.ingest.model import cache_model, load_model, run_exits
+from eenet.ingest.stream import PartialRun
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the factories below live in tests/_toy_models.py
@@ -677,17 +678,19 @@ class TestResume:
         _same_cache(resumed, whole)
         assert sorted(p.name for p in out_dir.iterdir()) == ["w.h5"]
 
-    def test_a_run_without_resume_reports_the_partial_state(self, out_dir, tmp_path,
-                                                             monkeypatch):
+    def test_a_run_without_resume_reports_and_then_deletes_the_partial_state(
+            self, out_dir, tmp_path, monkeypatch):
         _flaky(monkeypatch, tmp_path)
         with pytest.raises(EenetError, match="read failed"):
             cache_model("_toy_models:wide", "_toy_models:flaky_wide", out_dir / "w.h5",
                         costs=[1, 2, 3], batch_size=16, resume=True, device="cpu",
                         verbose=False)
-        with pytest.warns(UserWarning, match="holds an interrupted run; continue it with "
-                                             "--resume or delete it"):
+        assert PartialRun(out_dir / "w.h5").exists()
+        with pytest.warns(UserWarning, match="holds an interrupted run; without --resume it "
+                                             "is deleted once .* is complete"):
             cache_model(*WIDE, out_dir / "w.h5", costs=[1, 2, 3], batch_size=16,
                         device="cpu", verbose=False)
+        assert sorted(p.name for p in out_dir.iterdir()) == ["w.h5"]
 
     def test_bad_input_leaves_no_state(self, out_dir, data_npz):
         with pytest.raises(EenetError, match="cannot tell which module produces exit 1"):

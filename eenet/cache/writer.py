@@ -117,7 +117,9 @@ class _GuardedFile:
 
 def _attr_value(value: Any) -> Any:
     if isinstance(value, str):
-        return str(value)  # h5py refuses str subclasses such as torch.__version__
+        # h5py refuses str subclasses such as torch.__version__, and text HDF5 cannot store
+        # as UTF-8: a file name of bytes that are not UTF-8 keeps them as \xNN escapes
+        return str(value).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     if isinstance(value, (int, float, bool, np.integer, np.floating)):
         return value
     return json.dumps(value)
@@ -248,8 +250,10 @@ class CacheWriter:
         except (OSError, RuntimeError, ValueError, KeyError) as err:
             if self._guard is not None and self._guard.error is not None:
                 raise self._guard.error from None
-            raise CacheError(f"{self.path}: HDF5 could not {what} ({first_line(err)}); check "
-                             f"the disk and write to another path") from None
+            fix = ("check the disk and write to another path" if isinstance(err, OSError)
+                   else "not a disk problem: rerun with --debug and report it")
+            raise CacheError(f"{self.path}: HDF5 could not {what} ({first_line(err)}); "
+                             f"{fix}") from None
         if self._guard is not None and self._guard.error is not None:
             raise self._guard.error
         return out

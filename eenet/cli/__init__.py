@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -90,12 +91,51 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def check_out_dir(path: Path) -> Path:
-    """Fail before any work when the output's directory is missing."""
-    if not path.parent.is_dir():
-        raise click.ClickException(f"output directory {path.parent} does not exist; "
-                                   f"create it first (mkdir -p {path.parent})")
-    if path.is_dir():
-        raise click.ClickException(f"{path} is a directory; give a file name")
+    """Fail before any work when the output cannot be written: its directory is
+    missing, or it is a directory or a special file (a FIFO, a device)."""
+    from eenet._validation import EenetError, output_target
+
+    try:
+        output_target(path)
+    except EenetError as err:
+        raise click.ClickException(str(err)) from None
+    return path
+
+
+#: ``--out -``: the output goes to stdout (text outputs only)
+STDOUT = "-"
+
+
+def check_output(path: Path | None, option: str = "--out", *,
+                 inputs: dict[str, Path | str | None] | None = None,
+                 binary: str | None = None) -> Path | None:
+    """Refuse, before any work, an output that cannot be written or would destroy an input.
+
+    Args:
+        path: the output the user named (``None``: not asked for).
+        option: the option that named it, for the message.
+        inputs: the command's input files by the name the user knows them by;
+            the output may be none of them, however spelled (``./``, a link).
+        binary: what the output is when it is binary (``"an HDF5 cache"``):
+            then ``-`` is refused; a text output (CSV) named ``-`` goes to stdout.
+
+    Returns:
+        ``path``, or ``None`` when it is ``-`` (stdout) or not given.
+    """
+    if path is None:
+        return None
+    if str(path) == STDOUT:
+        if binary:
+            raise click.ClickException(f"{option} -: the output is {binary}, which is not "
+                                       f"written to stdout; give a file name")
+        return None
+    from eenet._validation import EenetError, check_not_input
+
+    check_out_dir(path)
+    try:
+        check_not_input(path, inputs or {}, option=option)
+    except EenetError as err:
+        raise click.ClickException(str(err)) from None
     return path
 
 
@@ -113,11 +153,24 @@ def parse_floats(text: str | None, name: str) -> list[float] | None:
     return list(dict.fromkeys(values))
 
 
-def parse_names(text: str | None) -> list[str] | None:
-    """``"a, b,a"`` -> ``["a", "b"]`` (duplicates removed, order kept)."""
+def parse_names(text: str | None, name: str = "--methods") -> list[str] | None:
+    """``"a, b,a"`` -> ``["a", "b"]`` (duplicates removed, order kept); an empty list is
+    refused (it would otherwise mean "the default")."""
     if text is None:
         return None
-    return list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    names = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    if not names:
+        raise click.BadParameter("give at least one name", param_hint=name)
+    return names
+
+
+def given(ctx: click.Context, *names: str) -> list[str]:
+    """The options among ``names`` (parameter names) the user gave, as spelled (``--bound``)."""
+    from click.core import ParameterSource
+
+    spelled = {p.name: p.opts[0] for p in ctx.command.params}
+    return [spelled.get(n, n) for n in names
+            if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)]
 
 
 def command_seed(ctx: click.Context, seed: int | None) -> int:
@@ -125,15 +178,92 @@ def command_seed(ctx: click.Context, seed: int | None) -> int:
     return int(seed) if seed is not None else int(ctx.obj["seed"])
 
 
+def json_ready(obj: Any) -> Any:
+    """``obj`` with NumPy values as plain ones and NaN or infinity as ``None`` (JSON's
+    ``null``): ``json.dumps`` would write the non-standard ``NaN`` otherwise."""
+    from eenet._validation import plain
+
+    obj = plain(obj)
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def echo_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, allow_nan=True, default=float))
+    """Print ``obj`` as standard JSON (NaN and infinity become ``null``)."""
+    click.echo(json.dumps(json_ready(obj), indent=2, allow_nan=False, default=str))
 
 
 def fmt_costs(costs: Any) -> str:
     return "[" + ", ".join(f"{float(c):.4g}" for c in costs) + "]"
 
 
+def _apply_shared(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Record a shared option given after the command, as the group records it before."""
+    if value is None or value is False:
+        return value
+    obj = ctx.ensure_object(dict)
+    if param.name == "device":
+        _check_device(value)
+        obj["device"] = value
+    elif param.name == "seed":
+        obj["seed"] = value
+    elif param.name == "quiet":
+        obj["progress"] = False
+    elif param.name == "debug":
+        obj["debug"] = True
+    elif param.name == "verbose":
+        logging.getLogger().setLevel(logging.DEBUG)
+    return value
+
+
+def _check_device(device: str) -> None:
+    """Refuse an unavailable ``--device`` before any work, the same way everywhere."""
+    if device == "auto":
+        return
+    from eenet._validation import EenetError, resolve_device
+
+    try:
+        resolve_device(device)
+    except EenetError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _shared_options() -> list[click.Option]:
+    """The group's options, accepted after a command name too (``eenet run ... --device
+    cpu`` = ``eenet --device cpu run ...``); the last one given wins."""
+    return [
+        click.Option(["--seed"], type=int, default=None, expose_value=False,
+                     callback=_apply_shared, help="Seed for every stochastic step."),
+        click.Option(["--device"], type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+                     expose_value=False, callback=_apply_shared,
+                     help="Where to run networks and EENet training."),
+        click.Option(["-v", "--verbose"], is_flag=True, expose_value=False,
+                     callback=_apply_shared, help="Progress bars and debug logging."),
+        click.Option(["-q", "--quiet"], is_flag=True, expose_value=False,
+                     callback=_apply_shared, help="No progress bars."),
+        click.Option(["--debug"], is_flag=True, expose_value=False, callback=_apply_shared,
+                     help="Show the full traceback of every error."),
+    ]
+
+
+class _Command(click.Command):
+    """A command that also takes the group's shared options (those it does not define
+    itself: ``cache --device`` and ``fit --seed`` keep their own)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        own = {p.name for p in self.params}
+        self.params.extend(o for o in _shared_options() if o.name not in own)
+
+
 class _Group(click.Group):
+    command_class = _Command
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         order = ["cache", "import", "info", "fit", "calibrate", "evaluate", "sweep", "run",
                  "bench", "quickstart"]
@@ -155,6 +285,10 @@ def main(ctx: click.Context, seed: int, device: str, verbose: bool, quiet: bool,
     """Learn and compare exit policies for frozen multi-exit networks under a latency budget.
 
     \b
+    Shared options (--seed, --device, -v, -q, --debug) go before or after the
+    command name.
+
+    \b
     Typical flow:
       eenet cache --model pkg.mod:make_net --data fashion-mnist:val --out cache/val.h5
       eenet fit cache/val.h5 --budget 0.4 --out policy.pt
@@ -166,14 +300,7 @@ def main(ctx: click.Context, seed: int, device: str, verbose: bool, quiet: bool,
     warnings.formatwarning = _one_line_warning
     ctx.ensure_object(dict)
     ctx.obj.update(seed=seed, device=device, progress=not quiet, debug=debug)
-    if device != "auto":
-        # Resolved here so every command refuses an unavailable device the same way.
-        from eenet._validation import EenetError, resolve_device
-
-        try:
-            resolve_device(device)
-        except EenetError as err:
-            raise click.ClickException(str(err)) from None
+    _check_device(device)
 
 
 

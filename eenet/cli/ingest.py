@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from eenet.cli import (check_out_dir, echo_json, fmt_costs, handle_errors, main, parse_floats,
-                       parse_names)
+from eenet.cli import (check_output, echo_json, fmt_costs, given, handle_errors, main,
+                       parse_floats, parse_names)
 
 
 # ---------------------------------------------------------------------------
@@ -69,7 +69,13 @@ def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: 
     from eenet.ingest.model import CacheOptions, cache_model
     from eenet.ingest.stream import PartialRun
 
-    check_out_dir(out)
+    check_output(out, inputs={"--weights": weights, "--costs-from": costs_from,
+                              "--model": _existing(model_spec), "--data": _existing(data_spec)},
+                 binary="an HDF5 cache")
+    if given(ctx, "cost_unit") and (costs in ("measured", "flops") or costs_from is not None):
+        raise click.UsageError("--cost-unit is the unit of given --costs values; measured "
+                               "costs are in ms, flops in FLOPs, and --costs-from copies the "
+                               "unit with the costs")
     cost_spec: Any = costs if costs in ("measured", "flops") else parse_floats(costs, "--costs")
     opts = CacheOptions(weights=weights, data_dir=data_dir, split=split,
                         device=device or ctx.obj["device"], batch_size=batch_size,
@@ -95,6 +101,11 @@ def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: 
                f"{', from ' + str(costs_from) if costs_from else ''})")
 
 
+def _existing(spec: str) -> str | None:
+    """A ``--model``/``--data`` spec when it names a file (TorchScript, ``.npz``), else None."""
+    return spec if os.path.isfile(spec) else None
+
+
 @main.command("import", epilog="Example: eenet import val_logits.npz --out cache/val.h5 "
                                 "--costs 1.2,2.5,3.9,5.1 --cost-unit ms")
 @click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -113,14 +124,18 @@ def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: 
 @click.option("--model", default="", help="Model name to record.")
 @click.option("--dataset", default="", help="Dataset name to record.")
 @click.option("--split", default="", help="Split name to record.")
+@click.pass_context
 @handle_errors
-def import_(src: Path, out: Path, labels: Path | None, costs: str | None, cost_unit: str,
+def import_(ctx: click.Context, src: Path, out: Path, labels: Path | None, costs: str | None, cost_unit: str,
             costs_from: Path | None, layout: str, probs: bool, dtype: str, model: str,
             dataset: str, split: str) -> None:
     """Turn logits or probabilities you already have into an exit cache."""
     from eenet.ingest.arrays import import_exit_outputs
 
-    check_out_dir(out)
+    check_output(out, inputs={"SRC": src, "--labels": labels, "--costs-from": costs_from},
+                 binary="an HDF5 cache")
+    if costs_from is not None and given(ctx, "cost_unit"):
+        raise click.UsageError("--costs-from copies the unit with the costs; drop --cost-unit")
     c = import_exit_outputs(src, out, dtype=dtype, labels=labels,
                             costs=parse_floats(costs, "--costs"), cost_unit=cost_unit,
                             costs_from=costs_from, layout=layout, probs=probs, model=model,

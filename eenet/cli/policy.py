@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from eenet.cli import check_out_dir, command_seed, echo_json, handle_errors, main
+from eenet.cli import check_output, command_seed, echo_json, given, handle_errors, main
 from eenet.rules import CALIBRATIONS
 from eenet.rules.certified import RISK_RANGES
 from eenet.rules.certify import COST_BOUNDS, RISK_BOUNDS
@@ -70,9 +70,21 @@ def guarantee_options(fn):
 
 def make_guarantee(confidence: float | None, cost_bound: str, risk: str | None,
                    epsilon: float | None, delta: float, risk_bound: str):
-    """The :class:`~eenet.rules.certified.Guarantee` the options ask for, or None."""
+    """The :class:`~eenet.rules.certified.Guarantee` the options ask for, or None.
+
+    Options that only shape a guarantee are refused when none is asked for
+    (they would be ignored).
+    """
+    ctx = click.get_current_context()
     if confidence is None and risk is None and epsilon is None:
+        unused = given(ctx, "cost_bound", "delta", "risk_bound", "certify_fraction")
+        if unused:
+            raise click.UsageError(f"{', '.join(unused)} shape a guarantee; add --confidence "
+                                   f"or --risk with --epsilon, or drop them")
         return None
+    if confidence is None and given(ctx, "cost_bound"):
+        raise click.UsageError("--cost-bound bounds the cost certified by --confidence; add "
+                               "--confidence or drop it")
     from eenet.rules.certified import Guarantee
 
     return Guarantee(confidence=confidence, cost_bound=cost_bound, risk=risk, epsilon=epsilon,
@@ -122,7 +134,7 @@ def fit(ctx: click.Context, val: Path, budget: float | None, out: Path, method: 
     from eenet.runtime.overhead import choose_overhead
     from eenet.scores import get_method
 
-    check_out_dir(out)
+    check_output(out, inputs={"VAL": val}, binary="a policy file")
     seed = command_seed(ctx, seed)
     learned = method.lower() == "auto" or get_method(method).learned
     changed = {k: v for k, v in hparams.items() if v != _EENET_DEFAULTS[k]}
@@ -187,7 +199,8 @@ def calibrate(policy_path: Path, val: Path, budget: float | None, mode: str, no_
     from eenet.cache import read_cache
     from eenet.policy import ExitPolicy
 
-    out = check_out_dir(out or policy_path)
+    # POLICY itself is the default output: it is read whole before anything is written
+    out = check_output(out or policy_path, inputs={"VAL": val}, binary="a policy file")
     policy = ExitPolicy.load(policy_path)
     policy.calibrate(read_cache(val), budget, mode=None if mode == "default" else mode,
                      guard=False if no_guard else None,

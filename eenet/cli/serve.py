@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from eenet.cli import check_out_dir, echo_json, handle_errors, main
+from eenet.cli import check_output, echo_json, handle_errors, main
 
 _MODEL_OPTIONS = [
     click.option("--model", "model_spec", required=True,
@@ -31,13 +31,26 @@ def _policy_and_model(fn):
                           type=click.Path(exists=True, dir_okay=False, path_type=Path))(fn)
 
 
-def _served(policy_path: Path, model_spec: str, weights: Path | None, device: str):
-    from eenet._validation import resolve_device
+def _served(ctx: click.Context, policy_path: Path, model_spec: str, weights: Path | None):
+    """The network under the policy, built under the seed as ``eenet cache`` builds it (a
+    factory that draws its weights then gives the same network); refused when its
+    parameters are not those of the network the policy was fitted on."""
+    from eenet._validation import resolve_device, seeded
     from eenet.ingest.model import load_model
     from eenet.runtime import EarlyExitModel
 
-    dev = resolve_device(device)
-    return EarlyExitModel(load_model(model_spec, weights, dev), policy_path), dev
+    dev = resolve_device(ctx.obj["device"])
+    with seeded(ctx.obj["seed"], dev):
+        model = load_model(model_spec, weights, dev)
+    return EarlyExitModel(model, policy_path), dev
+
+
+def _inputs_of(policy_path: Path, model_spec: str, weights: Path | None, data_spec: str
+               ) -> dict[str, Path | str | None]:
+    """The command's input files, which its output must not replace."""
+    files = {"--model": model_spec, "--data": data_spec}
+    return {"POLICY": policy_path, "--weights": weights,
+            **{k: v for k, v in files.items() if Path(v).is_file()}}
 
 
 @main.command(epilog="Example: eenet run policy.pt --model "
@@ -45,7 +58,8 @@ def _served(policy_path: Path, model_spec: str, weights: Path | None, device: st
                      "--out results/predictions.csv")
 @_policy_and_model
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="CSV with one row per sample: sample, prediction, exit, score, label.")
+              help="CSV with one row per sample: sample, prediction, exit, score, label; "
+                   "- for stdout (the summary then goes to stderr).")
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, policy_path: Path, model_spec: str, weights: Path | None,
@@ -59,20 +73,24 @@ def run(ctx: click.Context, policy_path: Path, model_spec: str, weights: Path | 
     from eenet.ingest.data import load_dataset
     from eenet.runtime.bench import serve
 
-    check_out_dir(out)
-    served, dev = _served(policy_path, model_spec, weights, ctx.obj["device"])
+    csv_out = check_output(out, inputs=_inputs_of(policy_path, model_spec, weights, data_spec))
+    served, dev = _served(ctx, policy_path, model_spec, weights)
     result = serve(served, load_dataset(data_spec, data_dir), batch_size=batch_size,
                    device=str(dev), limit=limit, verbose=ctx.obj["progress"])
     table = pd.DataFrame({"sample": np.arange(result.n_samples), "prediction": result.prediction,
                           "exit": result.exit, "score": result.score, "label": result.label})
-    with atomic_output(out) as tmp:
-        table.to_csv(tmp, index=False)
+    if csv_out is None:  # --out -: stdout carries the CSV alone
+        click.echo(table.to_csv(index=False), nl=False)
+    else:
+        with atomic_output(csv_out) as tmp:
+            table.to_csv(tmp, index=False)
     fractions = np.bincount(result.exit, minlength=served.n_exits) / result.n_samples
     known = result.label >= 0
     accuracy = (f", accuracy {float((result.prediction == result.label)[known].mean()):.4f}"
                 if known.any() else "")
-    click.echo(f"wrote {out}: {result.n_samples} samples{accuracy}, exit fractions "
-               + " ".join(f"{f:.3f}" for f in fractions))
+    click.echo(f"{'served' if csv_out is None else f'wrote {out}:'} {result.n_samples} "
+               f"samples{accuracy}, exit fractions " + " ".join(f"{f:.3f}" for f in fractions),
+               err=csv_out is None)
 
 
 @main.command(epilog="Example: eenet bench policy.pt --model "
@@ -91,7 +109,7 @@ def bench(ctx: click.Context, policy_path: Path, model_spec: str, weights: Path 
     from eenet.ingest.data import load_dataset
     from eenet.runtime.bench import bench_policy
 
-    served, dev = _served(policy_path, model_spec, weights, ctx.obj["device"])
+    served, dev = _served(ctx, policy_path, model_spec, weights)
     result = bench_policy(served, load_dataset(data_spec, data_dir), batch_size=batch_size,
                           device=str(dev), limit=limit, n_batch1=batch1_samples,
                           verbose=ctx.obj["progress"])

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from eenet.cli import (DEFAULT_CACHE_DIR, check_out_dir, handle_errors, main, parse_floats,
-                       parse_names)
+from eenet.cli import (DEFAULT_CACHE_DIR, check_output, given, handle_errors, main,
+                       parse_floats, parse_names)
 from eenet.cli.policy import CALIBRATION_CHOICE, OVERHEAD_HELP, read_split
 from eenet.rules.certified import RISK_RANGES
 from eenet.rules.certify import RISK_BOUNDS
@@ -42,7 +42,8 @@ from eenet.sweep import DEFAULT_METHODS
               show_default=True, help="The risk bound of an --epsilons sweep.")
 @click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=0.1, show_default=True, help="Miss probability (not used by crc).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The CSV to write; - for stdout (the summary then goes to stderr).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Also draw accuracy vs cost (risk and cost vs epsilon) to this PNG.")
 @click.pass_context
@@ -54,20 +55,18 @@ def sweep(ctx: click.Context, val: Path, test: Path | None, budgets: str | None,
     """Many budgets x many methods: an accuracy-vs-cost CSV, a plot and a summary table."""
     import contextlib
 
-    from eenet._validation import atomic_output
+    from eenet._validation import atomic_output, same_file
     from eenet.report import format_risk_summary, format_summary, plot_risk_sweep, plot_sweep
     from eenet.rules.certified import Guarantee
     from eenet.runtime.overhead import choose_overhead
     from eenet.sweep import run_sweep
 
-    check_out_dir(out)
-    if plot is not None:
-        check_out_dir(plot)
+    _check_sweep_options(ctx, test, holdout, epsilons)
+    csv_out = check_output(out, inputs={"VAL": val, "TEST": test})
+    check_output(plot, "--plot", inputs={"VAL": val, "TEST": test}, binary="a PNG image")
+    if plot is not None and csv_out is not None and same_file(plot, csv_out):
+        raise click.UsageError(f"--out and --plot both name {plot}; give each its own file")
     seed = ctx.obj["seed"]
-    if test is None and holdout is None:
-        raise click.UsageError("give a TEST cache, or --holdout to split VAL")
-    if test is not None and holdout is not None:
-        raise click.UsageError("give either a TEST cache or --holdout, not both")
     val_cache = read_split(val, holdout, seed, "fit")
     test_cache = read_split(test or val, holdout, seed, "held")
     table = run_sweep(val_cache, test_cache, budgets=parse_floats(budgets, "--budgets"),
@@ -82,15 +81,37 @@ def sweep(ctx: click.Context, val: Path, test: Path | None, budgets: str | None,
     unit, title = val_cache.cost_unit, val_cache.model or val.stem
     # both files appear together or not at all
     with contextlib.ExitStack() as stack:
-        csv_tmp = stack.enter_context(atomic_output(out))
-        table.to_csv(csv_tmp, index=False)
+        if csv_out is not None:
+            table.to_csv(stack.enter_context(atomic_output(csv_out)), index=False)
         if plot is not None and epsilons:
             plot_risk_sweep(table, plot, risk=risk, cost_unit=unit, title=title)
         elif plot is not None:
             plot_sweep(table, plot, cost_unit=unit, title=title)
+    if csv_out is None:  # --out -: stdout carries the CSV alone
+        click.echo(table.to_csv(index=False), nl=False)
     click.echo(format_risk_summary(table, risk=risk, cost_unit=unit) if epsilons
-               else format_summary(table, cost_unit=unit))
-    click.echo(f"wrote {out}" + (f" and {plot}" if plot else ""))
+               else format_summary(table, cost_unit=unit), err=csv_out is None)
+    wrote = [str(p) for p in (csv_out, plot) if p is not None]
+    if wrote:
+        click.echo("wrote " + " and ".join(wrote), err=csv_out is None)
+
+
+def _check_sweep_options(ctx: click.Context, test: Path | None, holdout: float | None,
+                         epsilons: str | None) -> None:
+    """Refuse options that contradict each other or that this kind of sweep would ignore."""
+    if test is None and holdout is None:
+        raise click.UsageError("give a TEST cache, or --holdout to split VAL")
+    if test is not None and holdout is not None:
+        raise click.UsageError("give either a TEST cache or --holdout, not both")
+    if epsilons is not None and given(ctx, "budgets", "n_budgets"):
+        raise click.UsageError(f"{' and '.join(given(ctx, 'budgets', 'n_budgets'))} set a "
+                               f"budget sweep, --epsilons a risk sweep (no budget); give one "
+                               f"(`eenet fit --risk R --epsilon E --budget B` fits one policy "
+                               f"under both)")
+    if epsilons is None and given(ctx, "risk", "risk_bound", "delta"):
+        raise click.UsageError(f"only a risk sweep uses "
+                               f"{', '.join(given(ctx, 'risk', 'risk_bound', 'delta'))}; add "
+                               f"--epsilons E1,E2,...")
 
 
 @main.command(epilog="Example: eenet quickstart --results-dir results")

@@ -21,8 +21,8 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from eenet._validation import (EenetError, check_costs, check_labels, first_line,
-                               parse_costs)
+from eenet._validation import (EenetError, check_costs, check_labels, check_not_input,
+                               first_line, parse_costs, torch_load_problem)
 from eenet.cache import ExitCache, write_cache
 
 Layout = Literal["nkc", "knc"]
@@ -46,12 +46,12 @@ def _load_any(path: Path, what: str) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
         if suffix in (".txt", ".csv"):
             return np.loadtxt(path, delimiter="," if suffix == ".csv" else None)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError) as err:
-        raise EenetError(f"{what} file {path} cannot be read ({first_line(err)}); is it "
-                         f"corrupt? Save it again") from None
-    except Exception as err:  # torch's unpickler raises its own error types
-        raise EenetError(f"{what} file {path} cannot be loaded with weights_only=True "
-                         f"({first_line(err)}); save plain tensors, lists or dicts") from None
+    except Exception as err:  # numpy, zipfile and torch's unpickler raise many types
+        why = (torch_load_problem(err, path) if suffix in (".pt", ".pth")
+               else first_line(err))
+        raise EenetError(f"{what} file {path} cannot be read ({why}); it is corrupt, or not "
+                         f"plain tensors, lists or dicts (torch.load runs no code here): save "
+                         f"it again") from None
     raise EenetError(f"{what} file {path} has an unsupported extension {suffix!r}; "
                      f"use .npz, .npy, .pt or .pth")
 
@@ -129,6 +129,7 @@ def load_exit_outputs(src: str | os.PathLike, *, labels: str | os.PathLike | Non
     if layout not in ("nkc", "knc"):
         raise EenetError(f"layout must be 'nkc' or 'knc', got {layout!r}")
     array, stored, probs = _read_outputs(src, layout, probs)
+    stored_probs = bool(stored.pop("probs_key", False))
     label_arr = _read_labels(src, labels, stored.get("labels"), array.shape)
     if costs_from is not None:
         shared = _shared_costs(costs_from, array.shape[1])
@@ -137,7 +138,7 @@ def load_exit_outputs(src: str | os.PathLike, *, labels: str | os.PathLike | Non
                                         cost_unit), "cost_unit": cost_unit}
     kind = "logits"
     if probs:
-        array, kind = _log_probs(src, array), "log_probs"
+        array, kind = _log_probs(src, array, by_key=stored_probs), "log_probs"
     return ExitCache(logits=array, labels=label_arr, costs=shared["costs"],
                      cost_unit=shared["cost_unit"],
                      cost_source=shared.get("cost_source", "given"), model=model or src.stem,
@@ -163,9 +164,11 @@ def _read_outputs(src: Path, layout: Layout, probs: bool
             raise EenetError(f"{src}: expected a key 'logits' or 'probs' "
                              f"[n_samples, n_exits, n_classes], found keys {keys}")
         stored = {k: raw[k] for k in ("labels", "costs") if raw.get(k) is not None}
+        stored["probs_key"] = "probs" in raw
     else:
         array = raw
     array = _to_numpy(array, "logits", src)
+    _check_range(src, array, "float32")
     if array.ndim != 3:
         raise EenetError(f"{src}: exit outputs have shape {array.shape}; expected 3 "
                          f"dimensions [n_samples, n_exits, n_classes] (or [n_exits, n_samples, "
@@ -175,6 +178,25 @@ def _read_outputs(src: Path, layout: Layout, probs: bool
     if layout == "knc":
         array = np.swapaxes(array, 0, 1)  # [n_exits, n_samples, n_classes] -> [n_samples, ...]
     return np.ascontiguousarray(array, dtype=np.float32), stored, probs
+
+
+def _check_range(src: Path, array: np.ndarray, dtype: str) -> None:
+    """Refuse finite exit outputs too large for ``dtype``, which storing would turn into inf.
+
+    Args:
+        array: exit outputs of any float dtype [n_samples, n_exits, n_classes].
+        dtype: what the cache stores (``"float32"`` or ``"float16"``).
+    """
+    limit = float(np.finfo(dtype).max)
+    if not np.issubdtype(array.dtype, np.floating) or np.finfo(array.dtype).max <= limit:
+        return
+    big = np.isfinite(array) & (np.abs(array) > limit)
+    if big.any():
+        where = tuple(int(i) for i in np.argwhere(big)[0])
+        raise EenetError(f"{src}: exit outputs reach {float(array[where]):.4g} (first at index "
+                         f"{where}), beyond the largest {dtype} ({limit:.4g}), so storing them "
+                         f"would make them infinite; rescale them (subtracting each row's "
+                         f"maximum changes no softmax)")
 
 
 def _read_labels(src: Path, labels: str | os.PathLike | None, stored: Any,
@@ -211,16 +233,21 @@ def _given_costs(src: Path, costs: Sequence[float] | str | None, stored: Any, n_
     return check_costs(cost_arr, n_exits)
 
 
-def _log_probs(src: Path, array: np.ndarray) -> np.ndarray:
-    """Probabilities [n_samples, n_exits, n_classes] checked and turned into log-probabilities."""
+def _log_probs(src: Path, array: np.ndarray, *, by_key: bool = False) -> np.ndarray:
+    """Probabilities [n_samples, n_exits, n_classes] checked and turned into log-probabilities.
+
+    ``by_key``: they are probabilities because ``src`` stores them under ``probs``
+    (not because ``--probs`` said so), which the message's fix must name.
+    """
     if not np.all(np.isfinite(array)):
         raise EenetError(f"{src}: probabilities contain NaN or inf; fix the source file")
     sums = array.sum(axis=2)
     if array.min() < 0 or array.max() > 1 or np.abs(sums - 1).max() > 1e-3:
         raise EenetError(f"{src}: values are not probabilities (each row must lie in "
                          f"[0, 1] and sum to 1, worst row sums to "
-                         f"{sums.flat[np.abs(sums - 1).argmax()]:.4g}); drop --probs for "
-                         f"logits")
+                         f"{sums.flat[np.abs(sums - 1).argmax()]:.4g}); "
+                         + ("store logits under the key 'logits' instead of 'probs'"
+                            if by_key else "drop --probs for logits"))
     return np.log(np.maximum(array, _PROB_FLOOR))
 
 
@@ -246,6 +273,9 @@ def import_exit_outputs(src: str | os.PathLike, out: str | os.PathLike, *,
         >>> import_exit_outputs(os.path.join(d, "val.npz"), os.path.join(d, "val.h5")).n_exits
         3
     """
+    check_not_input(out, {"src": src, "labels": kwargs.get("labels"),
+                          "costs_from": kwargs.get("costs_from")}, option="out")
     cache = load_exit_outputs(src, **kwargs)
+    _check_range(Path(src), cache.logits, dtype)
     write_cache(out, cache, dtype=dtype)
     return cache

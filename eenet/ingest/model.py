@@ -330,8 +330,9 @@ def cache_model(model_spec: str, data_spec: str, out: str | os.PathLike,
     if ctx is None or ctx.rank == 0:
         remove_stale_shards(out)
         if not opts.resume and partial.exists():
-            warnings.warn(f"{partial.dir} holds an interrupted run; continue it with "
-                          f"--resume or delete it", stacklevel=2)
+            warnings.warn(f"{partial.dir} holds an interrupted run; without --resume it is "
+                          f"deleted once {out} is complete (stop now and rerun with --resume "
+                          f"to continue it instead)", stacklevel=2)
     with seeded(opts.seed, dev):
         if ctx is not None:
             with process_group(ctx):

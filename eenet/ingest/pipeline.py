@@ -32,7 +32,8 @@ from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
 from eenet import __version__
-from eenet._validation import CacheError, EenetError, check_choice, check_int
+from eenet._validation import (CacheError, EenetError, check_choice, check_int,
+                               network_fingerprint)
 from eenet.cache import CacheWriter, merge_shards
 from eenet.ingest.costs import (ChosenCosts, choose_costs, costs_from_cache, given_costs,
                                 measure_costs, parse_cost_spec)
@@ -191,7 +192,8 @@ def _attrs(job: CacheJob, costs: ChosenCosts, ctx: DistContext | None) -> dict[s
     attrs = {"device": str(job.device), "seed": o.seed, "batch_size": o.batch_size,
              "num_threads": torch.get_num_threads(), "torch_version": str(torch.__version__),
              "weights": "" if o.weights is None else str(o.weights),
-             "autocast": bool(o.autocast), **costs.attrs}
+             "autocast": bool(o.autocast), "network_sha256": network_fingerprint(job.model),
+             **costs.attrs}
     if ctx is not None:
         attrs.update(world_size=ctx.world_size, cost_rank=0, distributed_backend=ctx.backend)
     return attrs
@@ -234,12 +236,21 @@ class _Skip(IterableDataset):
 
 
 def run_single(job: CacheJob, out: Path) -> None:
-    """Settle the costs and stream the whole split into ``out`` (atomically)."""
+    """Settle the costs and stream the whole split into ``out`` (atomically).
+
+    The progress an interrupted ``--resume`` run kept towards ``out`` is deleted
+    once ``out`` is complete: this run's whole output supersedes it.
+    """
     costs = _costs(job)
     with CacheWriter(out, **job.writer_args(_attrs(job, costs, None))) as writer:
         _stream(job, writer)
         writer.set_costs(costs.costs, cost_unit=costs.unit, cost_source=costs.source,
                          extra=costs.extra)
+    partial = PartialRun(out)
+    if partial.dir.exists():
+        partial.remove()
+        logger.info("deleted %s, an interrupted run's progress: %s is now complete",
+                       partial.dir, out)
 
 
 

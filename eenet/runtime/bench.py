@@ -23,11 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from eenet._validation import EenetError, resolve_device
+from eenet._validation import EenetError, first_line, network_fingerprint, resolve_device
 from eenet.ingest.forward import to_device
+from eenet.ingest.resolve import describe
 from eenet.runtime.model import EarlyExitModel, EarlyExitOutput
 
-__all__ = ["BenchResult", "ServedSplit", "bench_policy", "serve"]
+__all__ = ["BenchResult", "ServedSplit", "bench_policy", "check_served_network", "serve"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,12 @@ def serve(served: EarlyExitModel, dataset: Any, *, batch_size: int = 256,
         device: where to run.
         limit: serve only the first ``limit`` samples.
         verbose: progress bar on stderr.
+
+    Raises:
+        EenetError: the network is not the policy's (its fingerprint, its class
+            count), the inputs do not suit it, or the labels lie outside its classes.
     """
+    check_served_network(served)
     dev = resolve_device(device)
     served.to(dev)
     outs: list[EarlyExitOutput] = []
@@ -85,17 +91,50 @@ def serve(served: EarlyExitModel, dataset: Any, *, batch_size: int = 256,
     for x, y in _inputs(dataset, limit, batch_size):
         n = len(y)
         ids = torch.arange(start, start + n)
-        outs.append(served(to_device(x, dev, non_blocking=dev.type == "cuda"), ids))
+        outs.append(_run_checked(served, to_device(x, dev, non_blocking=dev.type == "cuda"),
+                                 ids, start))
         labels.append(np.asarray(y, dtype=np.int64))
         start += n
         bar.update(n)
     bar.close()
     if not outs:
         raise EenetError("the dataset yielded no samples")
+    _check_served_labels(np.concatenate(labels), served.n_classes)
     return ServedSplit(prediction=torch.cat([o.prediction for o in outs]).cpu().numpy(),
                        exit=torch.cat([o.exit for o in outs]).cpu().numpy(),
                        score=torch.cat([o.score for o in outs]).cpu().numpy(),
                        label=np.concatenate(labels))
+
+
+def check_served_network(served: EarlyExitModel) -> None:
+    """Refuse a network whose parameters are not those of the network the policy was
+    fitted on, when the policy records them (:meth:`ExitPolicy.check_network`)."""
+    policy = served.policy
+    if policy.reference and policy.reference.get("network_sha256"):
+        policy.check_network(network_fingerprint(served.model))
+
+
+def _run_checked(served: EarlyExitModel, x: Any, ids: torch.Tensor, start: int
+                 ) -> EarlyExitOutput:
+    """``served(x, ids)``; inputs the network cannot take become one line naming them."""
+    try:
+        return served(x, ids)
+    except EenetError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        raise EenetError(f"the network failed on the batch from sample {start} (input "
+                         f"{describe(x)}): {type(err).__name__}: {first_line(err)}; check that "
+                         f"the dataset's inputs suit the model") from err
+
+
+def _check_served_labels(labels: np.ndarray, n_classes: int) -> None:
+    """Labels int64 [n_samples] must be class indices of the policy's network (-1: none)."""
+    bad = (labels < -1) | (labels >= n_classes)
+    if bad.any():
+        raise EenetError(f"the dataset's labels must lie in [0, {n_classes}) for the policy's "
+                         f"{n_classes} classes, got range [{labels.min()}, {labels.max()}] "
+                         f"({int(bad.sum())} outside); check that the data belong to the "
+                         f"network's task")
 
 
 @dataclass(frozen=True)
@@ -141,9 +180,12 @@ class BenchResult:
         return row
 
     def format_table(self) -> str:
-        ratio = self.latency_ms_batch1 / self.budget if self.budget else math.nan
+        has_budget = math.isfinite(self.budget) and self.budget > 0
+        ratio = (f"{self.latency_ms_batch1 / self.budget:.3f}" if has_budget
+                 else "- (no budget: risk control alone)")
+        budget = f"{self.budget:.4g} {self.cost_unit}" if has_budget else "none"
         return "\n".join([
-            f"method {self.method}   budget {self.budget:.4g} {self.cost_unit}   device "
+            f"method {self.method}   budget {budget}   device "
             f"{self.device}   {self.n_samples} samples",
             f"{'':24}{'early exit':>12}{'full model':>12}{'speed-up':>10}",
             f"{'batch 1, ms/sample':24}{self.latency_ms_batch1:>12.4f}"
@@ -152,7 +194,7 @@ class BenchResult:
             f"{self.full_ms_batchB:>12.4f}{self.full_ms_batchB / self.latency_ms_batchB:>10.2f}",
             f"{f'batch {self.batch_size}, samples/s':24}{self.throughput:>12.0f}"
             f"{self.full_throughput:>12.0f}",
-            f"realized batch-1 latency / budget {ratio:.3f}   simulated cost "
+            f"realized batch-1 latency / budget {ratio}   simulated cost "
             f"{self.simulated_cost:.4g} {self.cost_unit}   accuracy {self.accuracy:.4f}",
             "exit fractions " + " ".join(f"{f:.3f}" for f in self.exit_fractions)])
 
@@ -200,7 +242,9 @@ def bench_policy(served: EarlyExitModel, dataset: Any, *, batch_size: int = 256,
         verbose: progress on stderr.
     """
     dev = resolve_device(device)
-    served.to(dev)
+    # served first: inputs, labels or classes that do not fit are refused before any timing
+    result = serve(served, dataset, batch_size=batch_size, device=str(dev), limit=limit,
+                   verbose=verbose)
     batches = [(to_device(x, dev), y) for x, y in _inputs(dataset, limit, batch_size)]
     if not batches:
         raise EenetError("the dataset yielded no samples")
@@ -228,8 +272,6 @@ def bench_policy(served: EarlyExitModel, dataset: Any, *, batch_size: int = 256,
     t_full1 = best(singles, full, one)
     t_bb = best(batches, early, None)
     t_fullb = best(batches, full, None)
-    result = serve(served, dataset, batch_size=batch_size, device=str(dev), limit=limit,
-                   verbose=verbose)
     costs = np.asarray(policy.reference["costs"], dtype=np.float64)  # type: ignore[index]
     if policy.overhead is not None:
         costs = costs + policy.overhead

@@ -127,6 +127,7 @@ class EarlyExitModel(nn.Module):
             raise EenetError(f"the policy was fitted for {rule.n_exits} exits but the model "
                              f"has {len(self.stages)}; fit a policy on a cache of this model")
         self.n_exits = len(self.stages)
+        self.n_classes = int(self.policy.reference["n_classes"])  # type: ignore[index]
         self.samples_seen = 0
         self.stage_calls = [0] * self.n_exits  # how many times each stage ran, for tests/stats
         # plain lists: indexing an nn.ModuleList costs microseconds, a list nanoseconds
@@ -160,6 +161,14 @@ class EarlyExitModel(nn.Module):
         return torch.as_tensor(np.ascontiguousarray(per_sample), dtype=torch.float64,
                                device=device)
 
+    def _check_classes(self, logits: Tensor) -> None:
+        """Refuse exit outputs of another class count than the policy's ([batch, n_classes])."""
+        if logits.ndim != 2 or logits.shape[1] != self.n_classes:
+            raise EenetError(f"the network's first exit gives logits of shape "
+                             f"{list(logits.shape)} but the policy was fitted for "
+                             f"{self.n_classes} classes; serve the network of the policy's "
+                             f"cache, or fit a policy on a cache of this network")
+
     @torch.inference_mode()
     def forward(self, x: Any, sample_ids: Tensor | None = None) -> EarlyExitOutput:
         """Run the batch ``x``, each sample only as deep as the policy sends it."""
@@ -180,6 +189,7 @@ class EarlyExitModel(nn.Module):
             h = self._stage_list[k](h)
             logits = self._head_list[k](h).float()
             if k == 0:
+                self._check_classes(logits)
                 state = self.policy.scorer.start(1, logits.shape[1], device)
             if k == last:
                 score = torch.full((1,), float("nan"), dtype=torch.float64, device=device)
@@ -197,8 +207,7 @@ class EarlyExitModel(nn.Module):
         running = torch.arange(batch, device=device)  # original positions still running
         out_exit = torch.full((batch,), self.n_exits - 1, dtype=torch.long, device=device)
         out_score = torch.full((batch,), float("nan"), dtype=torch.float64, device=device)
-        n_classes = int(self.policy.reference["n_classes"])  # type: ignore[index]
-        out_logits = torch.empty(0, n_classes, device=device)
+        out_logits = torch.empty(0, self.n_classes, device=device)
         state: dict[str, Tensor] = {}
         h = x
         for k in range(self.n_exits):
@@ -208,6 +217,7 @@ class EarlyExitModel(nn.Module):
             h = self._stage_list[k](h)
             logits = self._head_list[k](h).float()
             if k == 0:
+                self._check_classes(logits)
                 out_logits = logits.new_empty((batch, logits.shape[1]))
                 state = self.policy.scorer.start(batch, logits.shape[1], device)
             if k == self.n_exits - 1:
