@@ -44,7 +44,8 @@ from eenet.rules.distributions import (check_fractions, fit_quota, fits, geometr
 from eenet.rules.guard import check_guard_args, refit_margin, selection_margins
 from eenet.rules.patience import patience_rule
 from eenet.rules.search import SearchFamily
-from eenet.rules.select import SELECT_FOLDS, SELECT_REPEATS, TIE_Z, choose, fold_splits
+from eenet.rules.select import (SELECT_FOLDS, SELECT_REPEATS, TIE_Z, ambiguous, choose,
+                                fold_splits)
 from eenet.rules.static import static_rule
 from eenet.rules.thresholds import Thresholds, apply_thresholds, mix_draws
 
@@ -86,8 +87,8 @@ class Calibrator:
         level: guard confidence (see :mod:`eenet.rules.guard`).
         select_from: ``select``'s candidates in preference order (ties go to the
             first); default :data:`SELECT_FROM`.
-        folds, repeats, tie_z: ``select``'s cross-validation (see
-            :mod:`eenet.rules.select`).
+        folds, repeats, tie_z: ``select``'s cross-validation: folds, the most
+            repeats, the tie width (see :mod:`eenet.rules.select`).
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -196,36 +197,38 @@ class Calibrator:
             raise EenetError(f"tie_z must be a non-negative number, got {tie_z}")
         return {"from": modes, "folds": int(folds), "repeats": int(repeats), "tie_z": tie_z}
 
-    def _part(self, mode: str, split: int | None) -> Calibrator:
-        """``mode``'s calibrator on the fitting rows of one split (no guard), or on all."""
+    def _part(self, mode: str, split: tuple[int, int] | None) -> Calibrator:
+        """``mode``'s calibrator on the fitting rows of split (repeat, fold), no guard; or
+        on all rows (``None``) with the guard."""
         key = (mode, split)
         if key not in self._parts:
             if split is None:
                 rows, guard = slice(None), self.guard
             else:
-                rows, guard = self._splits()[split][0], False
+                rows, guard = self._splits(split[0])[split[1]][0], False
             self._parts[key] = Calibrator(
                 self.scores[rows], self.correct[rows], self.costs, mode=mode,
                 fractions=self.fractions, guard=guard, seed=self.seed,
                 sample_ids=self.ids[rows], n_boot=self.n_boot, level=self.level)
         return self._parts[key]
 
-    def _splits(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        if "splits" not in self._select:
-            self._select["splits"] = fold_splits(self.scores.shape[0], self._select["folds"],
-                                                 self._select["repeats"], self.seed)
-        return self._select["splits"]
+    def _splits(self, repeat: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        splits = self._select.setdefault("splits", {})
+        if repeat not in splits:
+            splits[repeat] = fold_splits(self.scores.shape[0], self._select["folds"], repeat,
+                                         self.seed)
+        return splits[repeat]
 
-    def _held_out_right(self, mode: str, budget: float) -> np.ndarray:
-        """[n_samples] held-out correctness under ``mode`` at ``budget``, mean over repeats."""
+    def _held_out_right(self, mode: str, budget: float, repeat: int) -> np.ndarray:
+        """[n_samples] held-out correctness under ``mode`` at ``budget`` in one repeat."""
         right = np.zeros(self.scores.shape[0])
-        for i, (_, held) in enumerate(self._splits()):
+        for fold, (_, held) in enumerate(self._splits(repeat)):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a fold may be too small for a clean fit
-                rule = self._part(mode, i).rule(budget)
+                rule = self._part(mode, (repeat, fold)).rule(budget)
             exits = rule.exits(self.scores[held], self.ids[held])
-            right[held] += self.correct[held, exits]
-        return right / self._select["repeats"]
+            right[held] = self.correct[held, exits]
+        return right
 
     def _choice(self, budget: float) -> tuple[str, dict[str, Any]]:
         """The candidate ``select`` calibrates with at ``budget``, and why."""
@@ -233,9 +236,15 @@ class Calibrator:
         if self.scores.shape[0] < 2 * self._select["folds"] or len(modes) == 1:
             return modes[0], {"selected": modes[0], "held_out_accuracy": {},
                               "reason": "too few samples to compare"}
-        right = {mode: self._held_out_right(mode, budget) for mode in modes}
-        chosen, record = choose(right, modes, self._select["tie_z"])
-        record.update(folds=self._select["folds"], repeats=self._select["repeats"])
+        total = {mode: np.zeros(self.scores.shape[0]) for mode in modes}
+        for repeat in range(self._select["repeats"]):
+            for mode in modes:
+                total[mode] += self._held_out_right(mode, budget, repeat)
+            chosen, record = choose({m: t / (repeat + 1) for m, t in total.items()}, modes,
+                                    self._select["tie_z"])
+            if not ambiguous(record):
+                break
+        record.update(folds=self._select["folds"], repeats=repeat + 1)
         return chosen, record
 
     def _selected_rule(self, budget: float) -> Thresholds:

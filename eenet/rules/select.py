@@ -6,11 +6,10 @@ searched thresholds overfit the calibration data where the budget is loose
 (benchmarks/RESULTS.md). So the calibration data decides, by cross-validation
 at the budget:
 
-1. the calibration samples are cut into ``folds`` parts (``repeats`` times,
-   each with its own seeded permutation); every candidate calibration is
-   fitted, without the guard, on all parts but one and applied to the part
-   left out, so every sample gets a held-out verdict (right or wrong) under
-   every candidate;
+1. the calibration samples are cut into ``folds`` parts by a seeded
+   permutation; every candidate calibration is fitted, without the guard, on
+   all parts but one and applied to the part left out, so every sample gets
+   a held-out verdict (right or wrong) under every candidate;
 2. the most accurate candidate on those verdicts is the *leader*; a candidate
    whose held-out accuracy is within ``tie_z`` standard errors of the
    leader's is a tie, where the standard error is that of the paired
@@ -19,7 +18,11 @@ at the budget:
 3. the first candidate in preference order that ties the leader wins: the
    method's own published rule first, then the smoother geometric rule, then
    the search. A candidate is chosen over a smoother one only on evidence
-   beyond the selection's own noise.
+   beyond the selection's own noise;
+4. where one standard error either way would change the answer, the samples
+   are cut again by another permutation (up to ``repeats`` times) and the
+   verdicts averaged per sample, so more evidence is bought only where it
+   can change the choice.
 
 The winner is then calibrated on all of the data, with the budget guard sized
 for it (its own margin: the refit bootstrap for quota rules, the selection
@@ -33,35 +36,41 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["SELECT_FOLDS", "SELECT_REPEATS", "TIE_Z", "choose", "fold_splits"]
+__all__ = ["SELECT_FOLDS", "SELECT_REPEATS", "TIE_Z", "ambiguous", "choose", "fold_splits"]
 
 #: Parts the calibration data is cut into for the held-out comparison.
 SELECT_FOLDS = 2
-#: How many times it is cut (each with its own permutation).
-SELECT_REPEATS = 1
+#: At most how many times it is cut (each with its own permutation): a repeat is
+#: added only while the choice is :func:`ambiguous`.
+SELECT_REPEATS = 3
 #: Differences within this many paired standard errors of the leader are ties.
 TIE_Z = 1.0
 
 
-def fold_splits(n_samples: int, folds: int, repeats: int, seed: int
+def fold_splits(n_samples: int, folds: int, repeat: int, seed: int
                 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(fitting rows, held-out rows) of every fold of every repeat, both sorted int64.
+    """(fitting rows, held-out rows) of every fold of one repeat, both sorted int64.
 
     Repeat r permutes the samples with ``default_rng(seed + r)`` and deals
     them into ``folds`` parts, so part sizes differ by at most one.
 
     Example:
-        >>> [(a.size, b.size) for a, b in fold_splits(5, 2, 1, seed=0)]
+        >>> [(a.size, b.size) for a, b in fold_splits(5, 2, 0, seed=0)]
         [(2, 3), (3, 2)]
     """
-    splits = []
-    for r in range(repeats):
-        order = np.random.default_rng(seed + r).permutation(n_samples)
-        for f in range(folds):
-            held = np.sort(order[f::folds])
-            fit = np.sort(np.concatenate([order[g::folds] for g in range(folds) if g != f]))
-            splits.append((fit, held))
-    return splits
+    order = np.random.default_rng(seed + repeat).permutation(n_samples)
+    parts = [order[f::folds] for f in range(folds)]
+    return [(np.sort(np.concatenate(parts[:f] + parts[f + 1:])), np.sort(parts[f]))
+            for f in range(folds)]
+
+
+def ambiguous(record: dict[str, Any]) -> bool:
+    """Whether one more standard error either way would change :func:`choose`'s answer:
+    some candidate trails the leader by between ``tie_z - 1`` and ``tie_z + 1`` of its
+    paired standard errors. More evidence (another repeat of the folds) pays there."""
+    z = record["tie_z"]
+    return any(se > 0 and (z - 1) * se < record["behind_leader"][m] <= (z + 1) * se
+               for m, se in record["behind_leader_se"].items())
 
 
 def choose(right: dict[str, np.ndarray], prefer: Sequence[str], tie_z: float = TIE_Z
