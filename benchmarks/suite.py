@@ -159,9 +159,13 @@ def _work(task: tuple) -> list[dict[str, Any]]:
 
 
 def run_learned(val: ExitCache, test: ExitCache, budgets: np.ndarray, seeds: list[int],
-                ceiling_seeds: list[int], jobs: int) -> pd.DataFrame:
-    tasks = [(m, float(b), s) for m in LEARNED for b in budgets for s in seeds]
-    tasks += [("ceiling", float(b), s) for b in budgets for s in ceiling_seeds]
+                args: argparse.Namespace) -> pd.DataFrame:
+    """EENet at every (budget, seed); the paper recipe and the ceiling at their seeds."""
+    n_seeds = {"eenet": len(seeds), "eenet-paper": args.paper_seeds,
+               "ceiling": args.ceiling_seeds}
+    tasks = [(m, float(b), s) for m in (*LEARNED, "ceiling") for b in budgets
+             for s in seeds[:n_seeds[m]]]
+    jobs = args.jobs
     if jobs > 1:
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init,
@@ -187,7 +191,7 @@ def run_network(name: str, args: argparse.Namespace) -> tuple[pd.DataFrame, str]
             fixed = run_sweep(val, test, budgets=budgets, methods=FIXED, seeds=seeds,
                               jobs=args.jobs, verbose=False)
         fixed = fixed[~fixed["method"].str.match(r"^exit\d+$")]
-        learned = run_learned(val, test, budgets, seeds, seeds[:args.ceiling_seeds], args.jobs)
+        learned = run_learned(val, test, budgets, seeds, args)
         table = pd.concat([fixed, learned], ignore_index=True).assign(
             network=name, profile=profile, n_exits=val.n_exits, n_classes=val.n_classes,
             costs=";".join(f"{c:.4g}" for c in val.costs), eenet_version=eenet.__version__)
@@ -202,8 +206,9 @@ def main() -> None:
                     help=f"comma-separated subset of {', '.join(NETWORKS)}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0, help="first seed")
-    ap.add_argument("--ceiling-seeds", type=int, default=1,
+    ap.add_argument("--ceiling-seeds", type=int, default=3,
                     help="seeds of the in-sample ceiling (EENet fitted on test)")
+    ap.add_argument("--paper-seeds", type=int, default=3, help="seeds of eenet-paper")
     ap.add_argument("--n-budgets", type=int, default=10)
     ap.add_argument("--n-synthetic", type=int, default=10_000,
                     help="samples per split of the synthetic networks")
