@@ -192,7 +192,8 @@ class ExitPolicy:
             return calibrator.rule(budget)
         risks = None if guarantee.risk is None else risk_table(certify)[guarantee.risk]
         costs = self.costs_for(certify)
-        rule = certified_rule(calibrator.candidates(), score_cache(self.scorer, certify), costs,
+        rule = certified_rule(calibrator.candidates(budget=budget),
+                              score_cache(self.scorer, certify), costs,
                               _ids(certify), guarantee, budget=budget, risk_table=risks,
                               seed=self.seed)
         exits = rule.exits(score_cache(self.scorer, certify), _ids(certify))
@@ -215,7 +216,8 @@ class ExitPolicy:
             self._calibrator = (key, Calibrator(
                 score_cache(self.scorer, cache), cache.correct(), self.costs_for(cache),
                 mode=self.calibration, fractions=self.scorer.exit_distribution(),
-                guard=self.guard, seed=self.seed, sample_ids=_ids(cache)))
+                guard=self.guard, seed=self.seed, sample_ids=_ids(cache),
+                select_from=self.method.select_from))
         return self._calibrator[1]
 
     def calibrate(self, cache: ExitCache, budget: float | None = None, *,
@@ -292,10 +294,9 @@ class ExitPolicy:
         label = "held-out " if certified else ("in-sample " if self.method.learned else "")
         budget = "no budget" if self.budget is None else f"budget {self.rule.budget:.4g} {unit}"
         guard = " + guard" if self.guard and not certified else ""
-        selected = self.rule.diagnostics.get("selected")
-        calibration = f"{self.calibration} ({selected})" if selected else self.calibration
         auto = self.provenance.get("auto")
-        parts = [f"{self.method.name}, {budget}", f"calibration {calibration}{guard}",
+        parts = [f"{self.method.name}, {budget}",
+                 f"calibration {_describe_selection(self.calibration, self.rule)}{guard}",
                  f"{label}validation accuracy {self.rule.val_accuracy:.4f} at cost "
                  f"{self.rule.val_cost:.4g}"]
         if certified:
@@ -476,6 +477,22 @@ def _check_reference(reference: Any, source: str) -> dict[str, Any]:
         raise EenetError(f"{source}: the policy file is damaged or edited by hand (its "
                          f"network record, {key}: {first_line(err)}); fit it again") from None
     return ref
+
+
+def _describe_selection(calibration: str, rule: Thresholds) -> str:
+    """``select (search: held-out accuracy search 0.8522, geometric 0.8204, 2 folds)``."""
+    chosen = rule.diagnostics.get("selected")
+    if not chosen:
+        return calibration
+    held_out = rule.diagnostics.get("held_out_accuracy") or {}
+    if not held_out:
+        return f"{calibration} ({chosen}: {rule.diagnostics.get('reason', 'by default')})"
+    why = "the most accurate" if chosen == rule.diagnostics.get("leader") else \
+        f"within {rule.diagnostics.get('tie_z', 0):g} se of {rule.diagnostics.get('leader')}"
+    ranked = sorted(held_out, key=lambda m: -held_out[m])
+    accuracies = ", ".join(f"{m} {held_out[m]:.4f}" for m in ranked)
+    return (f"{calibration} ({chosen}, {why} on held-out folds: accuracy {accuracies}, "
+            f"{rule.diagnostics.get('folds')} folds)")
 
 
 def _check_overhead(overhead: Any, n_exits: int) -> np.ndarray:

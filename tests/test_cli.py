@@ -113,10 +113,22 @@ class TestChain:
     def test_published_geometric_rule_meets_budget(self, tmp_path, caches):
         # MSDNet's geometric exit distribution sends a share to exit 1, which is wrong on
         # every hard sample: it meets the budget but cannot be perfect here.
+        # The default would select the search here; --calibration forces the published rule.
         val, test = caches
-        fit(val, tmp_path / "g.pt", "--method", "maxprob")
+        res = fit(val, tmp_path / "g.pt", "--method", "maxprob", "--calibration", "geometric")
+        assert "calibration geometric + guard" in res.stdout
+        state = torch.load(tmp_path / "g.pt", weights_only=True)
+        assert state["calibration"] == "geometric" and state["rule"]["mode"] == "geometric"
+        assert "selected" not in state["rule"]["diagnostics"]
         out = json.loads(run("evaluate", tmp_path / "g.pt", test, "--json").output)
         assert out["avg_cost"] <= 1.8 * 1.01 and 0.6 < out["accuracy"] < 0.95
+
+    def test_the_default_calibration_says_what_it_chose(self, tmp_path, caches):
+        val, _ = caches
+        res = fit(val, tmp_path / "d.pt", "--method", "maxprob")
+        chosen = torch.load(tmp_path / "d.pt", weights_only=True)["rule"]["diagnostics"]
+        assert f"calibration select ({chosen['selected']}, " in res.stdout
+        assert "on held-out folds: accuracy" in res.stdout
 
     def test_calibrate_in_place_with_another_mode(self, tmp_path, caches):
         val, _ = caches

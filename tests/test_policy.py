@@ -113,16 +113,30 @@ class TestPersistence:
 
     def test_select_says_what_it_chose_and_keeps_it(self, tmp_path, example, fitted):
         val, test = example
-        policy = copy.deepcopy(fitted["eenet"]).calibrate(val, mode="select")
-        chosen = policy.rule.diagnostics["selected"]
-        assert chosen in ("geometric", "search") and policy.rule.mode == "select"
-        assert f"calibration select ({chosen}) + guard" in policy.describe()
-        alone = copy.deepcopy(fitted["eenet"]).calibrate(val, mode=chosen)
+        policy = fitted["eenet"]  # the default calibration
+        assert policy.calibration == "select" and policy.rule.mode == "select"
+        diag = policy.rule.diagnostics
+        chosen, held_out = diag["selected"], diag["held_out_accuracy"]
+        assert chosen in ("geometric", "search") and set(held_out) == {"geometric", "search"}
+        summary = policy.describe()
+        assert f"calibration select ({chosen}, " in summary and "+ guard" in summary
+        assert all(f"{m} {a:.4f}" in summary for m, a in held_out.items())
+        alone = copy.deepcopy(policy).calibrate(val, mode=chosen)
         np.testing.assert_array_equal(policy.exits(test), alone.exits(test))
         policy.save(tmp_path / "p.pt")
+        state = torch.load(tmp_path / "p.pt", weights_only=True)  # the file records the choice
+        assert state["calibration"] == "select"
+        assert state["rule"]["diagnostics"]["selected"] == chosen
+        assert state["rule"]["diagnostics"]["held_out_accuracy"] == pytest.approx(held_out)
         again = ExitPolicy.load(tmp_path / "p.pt")
-        assert again.describe() == policy.describe()
+        assert again.describe() == summary
         np.testing.assert_array_equal(again.exits(test), policy.exits(test))
+
+    def test_a_forced_calibration_is_kept(self, example):
+        val, _ = example
+        policy = make_policy("maxprob", calibration="geometric").fit(val, BUDGET)
+        assert policy.rule.mode == "geometric" and "selected" not in policy.rule.diagnostics
+        assert "calibration geometric + guard" in policy.describe()
 
     def test_version_1_file_is_refused(self, tmp_path, fitted):
         state = fitted["maxprob"].to_state()

@@ -14,13 +14,15 @@ budget. The modes, in :data:`CALIBRATIONS`:
 - ``geometric``: MSDNet's exit distribution (Huang et al., ICLR 2018) as quotas.
 - ``patience``: PABEE's patience (Zhou et al., NeurIPS 2020), two values mixed by sample.
 - ``static``: everyone at the most accurate single exit that fits.
-- ``select``: ``geometric`` or ``search``, whichever is more accurate at the
-  budget on held-out halves of the calibration data (each half calibrates,
-  the other scores, both ways); the winner is then calibrated on all of it.
-  Neither of the two wins under every cost profile (benchmarks/RESULTS.md,
-  section 2), so this lets the calibration data decide, at the price of a
-  search and a geometric fit on each half. Switching between the two, it
-  is not monotone in the budget (neither is ``geometric``).
+- ``select`` (the default of every score-based method): the candidate
+  calibrations (``geometric`` and ``search``, and the method's own published
+  rule where it has one) are cross-validated at the budget on the
+  calibration data, differences within the selection's own noise are ties
+  that go to the smoother rule, and the winner is calibrated on all of it
+  (:mod:`eenet.rules.select`). Neither geometric nor search wins under every
+  network and cost profile (benchmarks/RESULTS.md), so the data in front of
+  it decides, at the price of fitting each candidate once per fold. Switching
+  between rules, it is not monotone in the budget (neither is ``geometric``).
 
 With the guard on (:mod:`eenet.rules.guard`), the rule is calibrated to a cost
 a little below the budget so unseen data stays within it. :class:`Calibrator`
@@ -29,8 +31,9 @@ guard margins), so a sweep fits many budgets for the price of one.
 """
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
@@ -41,10 +44,12 @@ from eenet.rules.distributions import (check_fractions, fit_quota, fits, geometr
 from eenet.rules.guard import check_guard_args, refit_margin, selection_margins
 from eenet.rules.patience import patience_rule
 from eenet.rules.search import SearchFamily
+from eenet.rules.select import (SELECT_FOLDS, SELECT_REPEATS, TIE_Z, ambiguous, choose,
+                                fold_splits)
 from eenet.rules.static import static_rule
 from eenet.rules.thresholds import Thresholds, apply_thresholds, mix_draws
 
-__all__ = ["CALIBRATIONS", "Calibrator", "Thresholds", "apply_thresholds", "calibrate",
+__all__ = ["CALIBRATIONS", "SELECT_FROM", "Calibrator", "Thresholds", "apply_thresholds", "calibrate",
            "mix_draws"]
 
 CalibrationMode = Literal["search", "assignment", "geometric", "patience", "static", "select"]
@@ -56,10 +61,11 @@ CALIBRATIONS: dict[str, str] = {
     "geometric": "MSDNet's geometric exit distribution as quotas",
     "patience": "PABEE's patience; two neighbouring values mixed by sample",
     "static": "everyone at the most accurate single exit that fits",
-    "select": "geometric or search, whichever is more accurate on held-out halves of the "
-              "calibration data at the budget",
+    "select": "the calibration most accurate at the budget on held-out folds of the "
+              "calibration data (geometric or search; ties within noise: geometric)",
 }
-_SELECTABLE = ("geometric", "search")  # what ``select`` chooses between; ties go to the first
+#: What ``select`` chooses between unless told otherwise; ties go to the first.
+SELECT_FROM = ("geometric", "search")
 _FRACTION_FLOOR = 1e-9  # mass given to empty exits when a tilt cannot reach the target
 _LADDER = 33  # target costs at which the search family's guard margins are measured
 
@@ -79,6 +85,10 @@ class Calibrator:
             its samples by id.
         n_boot: guard resamples.
         level: guard confidence (see :mod:`eenet.rules.guard`).
+        select_from: ``select``'s candidates in preference order (ties go to the
+            first); default :data:`SELECT_FROM`.
+        folds, repeats, tie_z: ``select``'s cross-validation: folds, the most
+            repeats, the tie width (see :mod:`eenet.rules.select`).
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -92,7 +102,9 @@ class Calibrator:
     def __init__(self, scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, *,
                  mode: CalibrationMode, fractions: np.ndarray | None = None,
                  guard: bool = True, seed: int = 0, sample_ids: np.ndarray | None = None,
-                 n_boot: int = 20, level: float = 0.9) -> None:
+                 n_boot: int = 20, level: float = 0.9,
+                 select_from: Sequence[str] | None = None, folds: int = SELECT_FOLDS,
+                 repeats: int = SELECT_REPEATS, tie_z: float = TIE_Z) -> None:
         self.scores = np.asarray(scores, dtype=np.float64)
         if self.scores.ndim != 2 or self.scores.shape[1] == 0 or self.scores.shape[0] == 0:
             raise EenetError(f"scores must have shape [n_samples, n_exits], got "
@@ -106,10 +118,10 @@ class Calibrator:
         self.costs = check_costs(costs, k_exits)
         self.mode = check_choice("calibration", mode, CALIBRATIONS)
         self.fractions = None
-        if mode == "assignment":
-            if fractions is None:
-                raise EenetError("calibration 'assignment' needs the learned exit "
-                                 "distribution; use a learned method such as eenet")
+        if mode == "assignment" and fractions is None:
+            raise EenetError("calibration 'assignment' needs the learned exit "
+                             "distribution; use a learned method such as eenet")
+        if mode in ("assignment", "select") and fractions is not None:
             self.fractions = check_fractions(fractions, k_exits)
         self.guard, self.seed = bool(guard), int(seed)
         if self.guard:
@@ -118,7 +130,8 @@ class Calibrator:
         self.ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
         self._family: SearchFamily | None = None
         self._margins: tuple[np.ndarray, np.ndarray, dict[str, Any]] | None = None
-        self._parts: dict[Any, Calibrator] = {}  # ``select``: calibrators of each half and mode
+        self._select = self._check_select(select_from, folds, repeats, tie_z)
+        self._parts: dict[Any, Calibrator] = {}  # ``select``: calibrators per mode and fold
 
     # ---- budget -> rule -----------------------------------------------------
     def rule(self, budget: float) -> Thresholds:
@@ -166,46 +179,82 @@ class Calibrator:
             fractions=np.bincount(exits, minlength=k_exits) / exits.size,
             diagnostics={**diagnostics, **rule.diagnostics}, mix_seed=self.seed)
 
-    # ---- select: geometric or search, decided on held-out halves ------------------
-    def _part(self, mode: str, half: int | None) -> Calibrator:
-        """The calibrator of ``mode`` on one half (0, 1; no guard) or on everything."""
-        key = (mode, half)
+    # ---- select: the candidate that is best on held-out folds ----------------------
+    def _check_select(self, select_from: Sequence[str] | None, folds: int, repeats: int,
+                      tie_z: float) -> dict[str, Any]:
+        modes = tuple(SELECT_FROM if select_from is None else select_from)
+        for m in modes:
+            check_choice("a calibration to select from", m,
+                         {k: v for k, v in CALIBRATIONS.items() if k != "select"})
+        if not modes or len(set(modes)) != len(modes):
+            raise EenetError(f"select_from must name distinct calibrations, got {list(modes)}")
+        if "assignment" in modes and self.fractions is None and self.mode == "select":
+            raise EenetError("selecting 'assignment' needs the learned exit distribution")
+        if int(folds) != folds or folds < 2 or int(repeats) != repeats or repeats < 1:
+            raise EenetError(f"select needs folds >= 2 and repeats >= 1 (integers), got "
+                             f"{folds} and {repeats}")
+        if not math.isfinite(tie_z) or tie_z < 0:
+            raise EenetError(f"tie_z must be a non-negative number, got {tie_z}")
+        return {"from": modes, "folds": int(folds), "repeats": int(repeats), "tie_z": tie_z}
+
+    def _part(self, mode: str, split: tuple[int, int] | None) -> Calibrator:
+        """``mode``'s calibrator on the fitting rows of split (repeat, fold), no guard; or
+        on all rows (``None``) with the guard."""
+        key = (mode, split)
         if key not in self._parts:
-            if half is None:
+            if split is None:
                 rows, guard = slice(None), self.guard
             else:
-                order = np.random.default_rng(self.seed).permutation(self.scores.shape[0])
-                rows, guard = np.sort(order[half::2]), False
+                rows, guard = self._splits(split[0])[split[1]][0], False
             self._parts[key] = Calibrator(
-                self.scores[rows], self.correct[rows], self.costs, mode=mode, guard=guard,
-                seed=self.seed, sample_ids=self.ids[rows], n_boot=self.n_boot,
-                level=self.level)
+                self.scores[rows], self.correct[rows], self.costs, mode=mode,
+                fractions=self.fractions, guard=guard, seed=self.seed,
+                sample_ids=self.ids[rows], n_boot=self.n_boot, level=self.level)
         return self._parts[key]
 
-    def _held_out_accuracy(self, mode: str, budget: float) -> float:
-        """Accuracy of ``mode``'s rule for ``budget``, fitted on one half, on the other."""
-        right = 0.0
-        for half in (0, 1):
+    def _splits(self, repeat: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        splits = self._select.setdefault("splits", {})
+        if repeat not in splits:
+            splits[repeat] = fold_splits(self.scores.shape[0], self._select["folds"], repeat,
+                                         self.seed)
+        return splits[repeat]
+
+    def _held_out_right(self, mode: str, budget: float, repeat: int) -> np.ndarray:
+        """[n_samples] held-out correctness under ``mode`` at ``budget`` in one repeat."""
+        right = np.zeros(self.scores.shape[0])
+        for fold, (_, held) in enumerate(self._splits(repeat)):
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a half may be too small for a clean fit
-                rule = self._part(mode, half).rule(budget)
-            other = self._part(mode, 1 - half)
-            exits = rule.exits(other.scores, other.ids)
-            right += float(other.correct[np.arange(exits.size), exits].sum())
-        return right / self.scores.shape[0]
+                warnings.simplefilter("ignore")  # a fold may be too small for a clean fit
+                rule = self._part(mode, (repeat, fold)).rule(budget)
+            exits = rule.exits(self.scores[held], self.ids[held])
+            right[held] = self.correct[held, exits]
+        return right
+
+    def _choice(self, budget: float) -> tuple[str, dict[str, Any]]:
+        """The candidate ``select`` calibrates with at ``budget``, and why."""
+        modes = self._select["from"]
+        if self.scores.shape[0] < 2 * self._select["folds"] or len(modes) == 1:
+            return modes[0], {"selected": modes[0], "held_out_accuracy": {},
+                              "reason": "too few samples to compare"}
+        total = {mode: np.zeros(self.scores.shape[0]) for mode in modes}
+        for repeat in range(self._select["repeats"]):
+            for mode in modes:
+                total[mode] += self._held_out_right(mode, budget, repeat)
+            chosen, record = choose({m: t / (repeat + 1) for m, t in total.items()}, modes,
+                                    self._select["tie_z"])
+            if not ambiguous(record):
+                break
+        record.update(folds=self._select["folds"], repeats=repeat + 1)
+        return chosen, record
 
     def _selected_rule(self, budget: float) -> Thresholds:
-        if self.scores.shape[0] < 2:  # no halves to compare on
-            held_out, chosen = {}, _SELECTABLE[0]
-        else:
-            held_out = {mode: self._held_out_accuracy(mode, budget) for mode in _SELECTABLE}
-            chosen = max(_SELECTABLE, key=lambda m: (held_out[m], -_SELECTABLE.index(m)))
+        chosen, record = self._choice(budget)
         rule = self._part(chosen, None).rule(budget)
-        return rule.with_record(mode="select", diagnostics={
-            **rule.diagnostics, "selected": chosen, "held_out_accuracy": held_out})
+        return rule.with_record(mode="select", diagnostics={**rule.diagnostics, **record})
 
     # ---- the family, for certification ------------------------------------------
-    def candidates(self, n_ladder: int = 64) -> list[Thresholds]:
+    def candidates(self, n_ladder: int = 64, budget: float | None = None
+                   ) -> list[Thresholds]:
         """The mode's one-parameter family of rules, from the cheapest to the full model.
 
         ``search``: every step of its staircase; ``static``: the single exits;
@@ -214,11 +263,17 @@ class Calibrator:
         calibrator's data without the guard, and the family ends with
         everyone at the last exit (the full model), the safest candidate. Each
         carries its cost and accuracy on this calibrator's data.
+
+        ``select`` has no family of its own: it hands over the family of the
+        candidate it selects at ``budget`` (its first candidate, the smoothest,
+        without a budget), recording the choice.
         """
         costs = self.costs
         if self.mode == "select":
-            raise EenetError("calibration 'select' chooses per budget, so it has no family "
-                             "to certify; certify with --calibration search or geometric")
+            chosen, record = (self._select["from"][0], {"selected": self._select["from"][0]}) \
+                if budget is None else self._choice(check_budget(budget, costs))
+            return [rule.with_record(diagnostics={**rule.diagnostics, **record})
+                    for rule in self._part(chosen, None).candidates(n_ladder)]
         if self.mode == "search":
             fam = self.family()
             rules = [Thresholds(fam.step(i)) for i in range(fam.n_steps)]
@@ -311,7 +366,7 @@ class Calibrator:
 def calibrate(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, budget: float, *,
               mode: CalibrationMode, fractions: np.ndarray | None = None, guard: bool = True,
               seed: int = 0, sample_ids: np.ndarray | None = None, n_boot: int = 20,
-              level: float = 0.9) -> Thresholds:
+              level: float = 0.9, **select: Any) -> Thresholds:
     """One budget's rule: ``Calibrator(...).rule(budget)`` (see :class:`Calibrator`).
 
     Example:
@@ -323,4 +378,4 @@ def calibrate(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, budget
     """
     return Calibrator(scores, correct, costs, mode=mode, fractions=fractions, guard=guard,
                       seed=seed, sample_ids=sample_ids, n_boot=n_boot,
-                      level=level).rule(budget)
+                      level=level, **select).rule(budget)

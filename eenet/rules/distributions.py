@@ -166,9 +166,14 @@ def geometric_fractions(costs: np.ndarray, budget: float) -> np.ndarray:
         out[int(np.flatnonzero(costs <= costs[0] * (1 + BUDGET_RTOL)).max())] = 1.0
         return out
     idx = np.arange(k_exits, dtype=np.float64)
+    cost_list = costs.tolist()
 
     def excess(log_g: float) -> float:
-        return _dist_cost(_softmax(log_g * idx), costs) - budget
+        # plain floats: a few exits' worth of numpy calls costs ten times more, and this
+        # runs some twenty times per solve, hundreds of solves per search calibration
+        top = max(0.0, log_g * (k_exits - 1))
+        weights = [math.exp(log_g * i - top) for i in range(k_exits)]
+        return sum(w * c for w, c in zip(weights, cost_list)) / sum(weights) - budget
 
     # At |log g| = 800 the softmax is one-hot in float64, so the bracket holds
     # for every budget strictly between c_0 and c_{K-1}.
@@ -314,8 +319,12 @@ def fit_quota(scores: np.ndarray, costs: np.ndarray, target: float,
         best = fit(lo)
         best_b = lo
         if fits(best[2], target):
+            # a budget step that moves no quota by a whole sample changes nothing
+            gaps = np.diff(costs)
+            resolution = 0.25 * float(gaps[gaps > 0].min() if np.any(gaps > 0) else 0.0) \
+                / max(scores.shape[0], 1)
             for _ in range(40):
-                if hi - lo <= 1e-7 * target:
+                if hi - lo <= max(1e-7 * target, resolution):
                     break
                 mid = 0.5 * (lo + hi)
                 cand = fit(mid)

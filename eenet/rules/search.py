@@ -246,9 +246,12 @@ class SearchFamily:
     def _build_staircase(self, grid: _Grid, vertices: list[np.ndarray]) -> None:
         """Every vertex and its single-exit neighbours; keep the accuracy-cost staircase."""
         cost_parts, acc_parts, refs = [], [], []
+        seen: set[bytes] = set()
         for v, g in enumerate(vertices):
-            if any(np.array_equal(g, h) for h in vertices[:v]):
+            key = np.ascontiguousarray(g, dtype=np.int64).tobytes()
+            if key in seen:
                 continue
+            seen.add(key)
             passes = grid._first_two(g)
             for k in range(grid.k_exits - 1):
                 acc, cost = grid.tables(g, k, passes)

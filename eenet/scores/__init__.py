@@ -107,6 +107,9 @@ class Method:
         make_scorer: ``make_scorer(**hparams) -> Scorer``; ``None`` for the oracle.
         calibrations: the calibrations this method accepts; the first is its
             default (:mod:`eenet.rules`).
+        select_from: what its ``select`` calibration chooses between, in
+            preference order (ties go to the first: the method's own published
+            rule, then the smoother geometric rule, then the search).
         aliases: other names accepted for it.
         preset: hyperparameters the method fixes (``eenet-paper``).
         learned: the scorer is trained and accepts hyperparameters.
@@ -120,6 +123,7 @@ class Method:
     calibrations: tuple[str, ...]
     aliases: tuple[str, ...] = ()
     preset: dict[str, Any] = field(default_factory=dict)
+    select_from: tuple[str, ...] = ("geometric", "search")
     learned: bool = False
     deployable: bool = True
 
@@ -137,27 +141,29 @@ class Method:
         return self.make_scorer(**{**hparams, **self.preset})
 
 
-# EENet's learned scores with MSDNet's geometric exit distribution: inside the validation
-# split (benchmarks/choose_defaults.py) it ties the searched thresholds at tight budgets and
-# beats them at loose ones, where a search picks thresholds that fit the validation samples.
-_EENET_CALIBRATIONS = ("geometric", "search", "assignment", "select")
+# Every score-based method calibrates by default with ``select``: the calibration that is most
+# accurate at the budget on held-out folds of the validation data (eenet.rules.select). Neither
+# geometric nor search wins on every network (benchmarks/suite.py), so the data decides.
+_SCORE_CALIBRATIONS = ("select", "geometric", "search")
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("eenet", "EENet", "learned exit scores (EENet, WACV 2024) with eenet's target and "
-           "features", EENetScorer, _EENET_CALIBRATIONS, learned=True),
+           "features", EENetScorer, (*_SCORE_CALIBRATIONS, "assignment"), learned=True),
     Method("eenet-paper", "EENet, paper recipe",
            "EENet as published (the paper's scoring target and features, alternating "
            "training, the learned exit distribution as quotas), except that the "
-           "distribution is tilted to meet the budget and the guard applies (--no-guard "
-           "removes it): the paper's quotas alone miss the budget",
-           EENetScorer, ("assignment", "search", "geometric", "select"),
-           preset={"target": "correct", "features": "paper", "alternate": True}, learned=True),
+           "distribution is tilted to meet the budget, the guard applies (--no-guard "
+           "removes it) and, by default, held-out folds decide between its quotas and the "
+           "geometric or searched thresholds (--calibration assignment forces the paper's)",
+           EENetScorer, (*_SCORE_CALIBRATIONS, "assignment"),
+           preset={"target": "correct", "features": "paper", "alternate": True},
+           select_from=("assignment", "geometric", "search"), learned=True),
     Method("maxprob", "MSDNet max-prob", "max class probability over a threshold (MSDNet)",
-           MaxProbScorer, ("geometric", "search", "select"), aliases=("msdnet",)),
+           MaxProbScorer, _SCORE_CALIBRATIONS, aliases=("msdnet",)),
     Method("entropy", "BranchyNet entropy", "1 - normalised entropy over a threshold "
-           "(BranchyNet)", EntropyScorer, ("geometric", "search", "select"),
-           aliases=("branchynet",)),
+           "(BranchyNet)", EntropyScorer, _SCORE_CALIBRATIONS, aliases=("branchynet",)),
     Method("patience", "PABEE patience", "leave once the answer held for t+1 exits (PABEE)",
-           PatienceScorer, ("patience", "geometric", "search", "select"), aliases=("pabee",)),
+           PatienceScorer, (*_SCORE_CALIBRATIONS, "patience"), aliases=("pabee",),
+           select_from=("patience", "geometric", "search")),
     Method("static", "static (one exit)", "everyone at the most accurate single exit that "
            "fits", ConstantScorer, ("static",)),
     Method("oracle", "oracle (uses labels)", "label-aware upper bound under the budget "
