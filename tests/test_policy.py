@@ -356,7 +356,9 @@ class TestOverhead:
 def test_paper_recipe_preset(example, fitted, tmp_path):
     _, test = example
     policy = fitted["eenet-paper"]
-    assert policy.calibration == "assignment"
+    # held-out folds choose between the paper's quotas and the other rules, the paper's first
+    assert policy.calibration == "select" and policy.method.select_from[0] == "assignment"
+    assert policy.rule.diagnostics["selected"] in policy.method.select_from
     cfg = policy.scorer.config
     assert (cfg.target, cfg.features, cfg.alternate) == ("correct", "paper", True)
     again = ExitPolicy.load(policy.save(tmp_path / "paper.pt"))
