@@ -472,10 +472,11 @@ def _check_reference(reference: Any, source: str) -> dict[str, Any]:
         ref[key] = check_costs(ref.get(key), ref["n_exits"]).tolist()
         for key in ("cost_unit", "model", "dataset", "cost_source", "network_sha256"):
             if not isinstance(ref.get(key, ""), str):
-                raise EenetError(f"must be a string, got {ref[key]!r}")
+                raise EenetError(f"{key} must be a string, got {ref[key]!r}")
     except (EenetError, TypeError, ValueError) as err:
+        why = first_line(err) if first_line(err).startswith(key) else f"{key}: {first_line(err)}"
         raise EenetError(f"{source}: the policy file is damaged or edited by hand (its "
-                         f"network record, {key}: {first_line(err)}); fit it again") from None
+                         f"network record: {why}); fit it again") from None
     return ref
 
 

@@ -144,6 +144,27 @@ class TestOutputsNeverReplaceInputs:
             assert "is a FIFO (named pipe), not a regular file" in line
             assert fifo.is_fifo()
 
+    def test_the_library_writers_follow_the_same_rules(self, tmp_path):
+        from eenet._validation import EenetError, atomic_output
+        from eenet.ingest.arrays import import_exit_outputs
+
+        (tmp_path / "real.txt").write_text("old")
+        os.symlink("real.txt", tmp_path / "link.txt")
+        with atomic_output(tmp_path / "link.txt") as tmp:
+            tmp.write_text("new")
+        assert (tmp_path / "link.txt").is_symlink()
+        assert (tmp_path / "real.txt").read_text() == "new"
+        os.mkfifo(tmp_path / "fifo")
+        with pytest.raises(EenetError, match="is a FIFO"):
+            with atomic_output(tmp_path / "fifo"):
+                pass
+        c = synthetic_cache(20, n_exits=3, n_classes=3)
+        np.savez(tmp_path / "s.npz", logits=c.logits, labels=c.labels, costs=c.costs)
+        before = (tmp_path / "s.npz").read_bytes()
+        with pytest.raises(EenetError, match="is the input src"):
+            import_exit_outputs(tmp_path / "s.npz", tmp_path / "." / "s.npz")
+        assert (tmp_path / "s.npz").read_bytes() == before
+
     def test_out_dash_writes_csv_to_stdout(self, tmp_path, net, val):
         res = run("run", *serve_args(net, "--out", "-"))
         assert res.exit_code == 0, res.output

@@ -139,6 +139,12 @@ def check_output(path: Path | None, option: str = "--out", *,
     return path
 
 
+def existing_file(spec: str) -> str | None:
+    """A ``--model``/``--data`` spec when it names a file (TorchScript, ``.npz``), else None:
+    an input an output must not replace."""
+    return spec if os.path.isfile(spec) else None
+
+
 def parse_floats(text: str | None, name: str) -> list[float] | None:
     """``"1,2.5,3"`` -> floats; duplicates removed, order kept."""
     if text is None:

@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from eenet.cli import (check_output, echo_json, fmt_costs, given, handle_errors, main,
-                       parse_floats, parse_names)
+from eenet.cli import (check_output, echo_json, existing_file, fmt_costs, given, handle_errors,
+                       main, parse_floats, parse_names)
 
 
 # ---------------------------------------------------------------------------
@@ -70,7 +70,8 @@ def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: 
     from eenet.ingest.stream import PartialRun
 
     check_output(out, inputs={"--weights": weights, "--costs-from": costs_from,
-                              "--model": _existing(model_spec), "--data": _existing(data_spec)},
+                              "--model": existing_file(model_spec),
+                              "--data": existing_file(data_spec)},
                  binary="an HDF5 cache")
     if given(ctx, "cost_unit") and (costs in ("measured", "flops") or costs_from is not None):
         raise click.UsageError("--cost-unit is the unit of given --costs values; measured "
@@ -101,11 +102,6 @@ def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: 
                f"{', from ' + str(costs_from) if costs_from else ''})")
 
 
-def _existing(spec: str) -> str | None:
-    """A ``--model``/``--data`` spec when it names a file (TorchScript, ``.npz``), else None."""
-    return spec if os.path.isfile(spec) else None
-
-
 @main.command("import", epilog="Example: eenet import val_logits.npz --out cache/val.h5 "
                                 "--costs 1.2,2.5,3.9,5.1 --cost-unit ms")
 @click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -126,9 +122,9 @@ def _existing(spec: str) -> str | None:
 @click.option("--split", default="", help="Split name to record.")
 @click.pass_context
 @handle_errors
-def import_(ctx: click.Context, src: Path, out: Path, labels: Path | None, costs: str | None, cost_unit: str,
-            costs_from: Path | None, layout: str, probs: bool, dtype: str, model: str,
-            dataset: str, split: str) -> None:
+def import_(ctx: click.Context, src: Path, out: Path, labels: Path | None, costs: str | None,
+            cost_unit: str, costs_from: Path | None, layout: str, probs: bool, dtype: str,
+            model: str, dataset: str, split: str) -> None:
     """Turn logits or probabilities you already have into an exit cache."""
     from eenet.ingest.arrays import import_exit_outputs
 

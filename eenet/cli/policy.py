@@ -79,8 +79,8 @@ def make_guarantee(confidence: float | None, cost_bound: str, risk: str | None,
     if confidence is None and risk is None and epsilon is None:
         unused = given(ctx, "cost_bound", "delta", "risk_bound", "certify_fraction")
         if unused:
-            raise click.UsageError(f"{', '.join(unused)} shape a guarantee; add --confidence "
-                                   f"or --risk with --epsilon, or drop them")
+            raise click.UsageError(f"only a guarantee uses {', '.join(unused)}; add "
+                                   f"--confidence, or --risk with --epsilon")
         return None
     if confidence is None and given(ctx, "cost_bound"):
         raise click.UsageError("--cost-bound bounds the cost certified by --confidence; add "

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from eenet.cli import check_output, echo_json, handle_errors, main
+from eenet.cli import check_output, echo_json, existing_file, handle_errors, main
 
 _MODEL_OPTIONS = [
     click.option("--model", "model_spec", required=True,
@@ -33,8 +33,8 @@ def _policy_and_model(fn):
 
 def _served(ctx: click.Context, policy_path: Path, model_spec: str, weights: Path | None):
     """The network under the policy, built under the seed as ``eenet cache`` builds it (a
-    factory that draws its weights then gives the same network); refused when its
-    parameters are not those of the network the policy was fitted on."""
+    factory that draws its weights then gives the same network; ``serve`` refuses one
+    whose parameters are not those of the network the policy was fitted on)."""
     from eenet._validation import resolve_device, seeded
     from eenet.ingest.model import load_model
     from eenet.runtime import EarlyExitModel
@@ -48,9 +48,8 @@ def _served(ctx: click.Context, policy_path: Path, model_spec: str, weights: Pat
 def _inputs_of(policy_path: Path, model_spec: str, weights: Path | None, data_spec: str
                ) -> dict[str, Path | str | None]:
     """The command's input files, which its output must not replace."""
-    files = {"--model": model_spec, "--data": data_spec}
-    return {"POLICY": policy_path, "--weights": weights,
-            **{k: v for k, v in files.items() if Path(v).is_file()}}
+    return {"POLICY": policy_path, "--weights": weights, "--model": existing_file(model_spec),
+            "--data": existing_file(data_spec)}
 
 
 @main.command(epilog="Example: eenet run policy.pt --model "

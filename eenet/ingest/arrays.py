@@ -15,7 +15,6 @@ probabilities), with the root attribute ``logits_kind = "log_probs"``.
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
