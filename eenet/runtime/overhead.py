@@ -33,10 +33,11 @@ from eenet._validation import EenetError, first_line, resolve_device
 from eenet.cache import ExitCache
 from eenet.policy import ExitPolicy
 from eenet.rules import Thresholds
+from eenet.scores.eenet_kernel import torch_only
 from eenet.ingest.forward import select_rows, to_device
 from eenet.runtime.model import EarlyExitModel, staged_parts
 
-__all__ = ["choose_overhead", "policy_overhead"]
+__all__ = ["choose_overhead", "policy_overhead", "warn_on_drift"]
 
 logger = logging.getLogger(__name__)
 _ROUNDS = 3  # timings per exit, interleaved; their median counts
@@ -122,7 +123,7 @@ def policy_overhead(policy: ExitPolicy, cache: ExitCache, *, device: str | None 
     if cache.cost_unit == "flops":
         out = np.empty(k_exits)
         for k, run in enumerate(served):
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False) as counter, torch_only():
                 run(x)
             out[k] = counter.get_total_flops() / batch
         return np.maximum.accumulate(out)
@@ -215,11 +216,32 @@ def choose_overhead(mode: str, cache: ExitCache):
             return policy_overhead
     else:
         model, example = _recorded_network(cache)
+    warn_on_drift(model, example, cache)
 
     def inside_the_network(policy: ExitPolicy, fitted_on: ExitCache, **options: Any
                            ) -> np.ndarray | None:
         return policy_overhead(policy, fitted_on, model=model, example_input=example, **options)
     return inside_the_network
+
+
+def warn_on_drift(model: nn.Module, example: Any, cache: ExitCache) -> None:
+    """Re-time the network's exits and warn when they drifted more than 5% from the
+    cache's measured latencies (:mod:`eenet.runtime.drift`).
+
+    It warns and does not rescale: the drift is the machine's state at this
+    moment (another job's load, a clock), which may not be its state when the
+    policy serves, and a rescaled budget would no longer match the costs the
+    cache, ``evaluate`` and ``sweep`` report. Re-caching re-times every split
+    consistently.
+    """
+    if cache.cost_unit != "ms" or cache.cost_source != "measured":
+        return
+    from eenet.runtime.drift import measure_drift
+
+    drift = measure_drift(model, example, cache.costs, device=_cache_device(cache))
+    logger.info("exit costs now vs the cache's: %s", drift.describe())
+    if drift.exceeds():
+        warnings.warn(drift.advice(), stacklevel=3)
 
 
 def _recorded_network(cache: ExitCache) -> tuple[nn.Module, Any]:

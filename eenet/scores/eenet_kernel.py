@@ -15,6 +15,7 @@ guard and dispatch overhead per call (measured on the bundled network).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -25,10 +26,11 @@ import sys
 import sysconfig
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-__all__ = ["load_kernel", "pack_head"]
+__all__ = ["kernel_forced_off", "load_kernel", "pack_head", "torch_only"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,24 @@ void eenet_score_exit(const int *cfg, const float *weights, const float *logits,
 _FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
 _kernel: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
 _tried = False
+_forced_off = False  # inside torch_only()
+
+
+@contextlib.contextmanager
+def torch_only() -> Iterator[None]:
+    """Score with the torch kernel inside this block, e.g. for ``torch.utils.flop_counter``,
+    which counts torch operators only (the C kernel does the same arithmetic)."""
+    global _forced_off
+    before, _forced_off = _forced_off, True
+    try:
+        yield
+    finally:
+        _forced_off = before
+
+
+def kernel_forced_off() -> bool:
+    """Inside :func:`torch_only`."""
+    return _forced_off
 
 
 def pack_head(w_first: np.ndarray, b_first: np.ndarray,
@@ -143,6 +163,8 @@ def load_kernel():
     build is logged and not retried in this process.
     """
     global _kernel, _tried
+    if _forced_off:
+        return None
     if _tried:
         return _kernel
     _tried = True

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from eenet.scores.eenet_heads import EENetHeads
-from eenet.scores.eenet_kernel import CFG_FIELDS, load_kernel, pack_head
+from eenet.scores.eenet_kernel import CFG_FIELDS, kernel_forced_off, load_kernel, pack_head
 
 __all__ = ["EENetStream", "FoldedHead", "fold_scoring_heads"]
 
@@ -122,6 +122,7 @@ class EENetStream:
         self.col_q = self.col_vmax + 2
         self.width = self.col_q + n_exits
         self._device: dict[torch.device, list[FoldedHead]] = {}
+        self._cols: dict[torch.device, Tensor] = {}
         self._c_args = [self._c_settings(k, h) for k, h in enumerate(heads)]
 
     def _c_settings(self, k: int, head: FoldedHead) -> tuple[int, int, tuple]:
@@ -168,39 +169,46 @@ class EENetStream:
                 if not packed.is_contiguous():  # the C kernel writes rows in place
                     packed = state["packed"] = packed.contiguous()
                 return self._score_c(k, logits, packed, kernel)
-            if self.kernel == "c":
+            if self.kernel == "c" and not kernel_forced_off():
                 raise RuntimeError("EENet's C kernel could not be built here (see the log)")
         return self._score_torch(k, logits, packed)
 
     def _score_torch(self, k: int, logits: Tensor, packed: Tensor) -> Tensor:
         """The pure-torch kernel (any device)."""
         head = self._on(logits.device)[k]
-        batch, n_classes = logits.shape
+        n_classes = logits.shape[1]
         p = torch.softmax(logits, dim=1)
         values = p.topk(min(self.n_top, n_classes), dim=1).values  # _first pads a short top-m
-        pred = p.argmax(dim=1, keepdim=True)  # [b, 1]; ties go to the lowest class
+        pred1 = p.argmax(dim=1, keepdim=True) + 1  # [b, 1] the answer + 1 (ties: lowest class)
         entropy = torch.special.entr(p).sum(dim=1, keepdim=True)
-        hist = packed[:, :self.col_vmax].view(batch, self.n_rows, n_classes)
         # every history row at this exit's answer: [b, rows]
-        at_pred = hist.gather(2, pred.unsqueeze(1).expand(batch, self.n_rows, 1)).squeeze(2)
+        cols = pred1 + self._row_cols(logits.device)
+        at_pred = packed.gather(1, cols)
         count = at_pred[:, -1:] + 1.0  # votes for this answer, this exit included
         votes = torch.maximum(packed[:, self.col_vmax:self.col_pred], count)
         parts = [p if self.top_m is None else _first(values, self.top_m), values[:, :2],
                  entropy, votes]
         if self.agreement:
-            agree = packed[:, self.col_pred:self.col_q] == pred + 1
+            agree = packed[:, self.col_pred:self.col_q] == pred1
             parts += [at_pred[:, :2], agree.float()]
         if k > 0:
             parts.append(packed[:, self.col_q:self.col_q + k])
         s = _mlp_torch(torch.cat(parts, dim=1), head)
         if self.agreement:
-            hist[:, 1].add_(p)
-            hist[:, 0].copy_(p)
-        hist[:, -1].scatter_(1, pred, count)
-        packed[:, self.col_vmax:self.col_pred].copy_(votes)
-        packed[:, self.col_pred:self.col_q].copy_(pred + 1)
-        packed[:, self.col_q + k].copy_(torch.sigmoid(s))
+            packed[:, n_classes:2 * n_classes].add_(p)
+            packed[:, :n_classes].copy_(p)
+        packed.scatter_(1, cols[:, -1:], count)
+        packed[:, self.col_vmax:self.col_q].copy_(torch.cat([votes, pred1], dim=1))
+        torch.sigmoid(s, out=packed[:, self.col_q + k])
         return s
+
+    def _row_cols(self, device: torch.device) -> Tensor:
+        """``[rows]`` column of class -1 in each history row (the answer + 1 indexes it)."""
+        cols = self._cols.get(device)
+        if cols is None:
+            cols = self._cols[device] = torch.arange(self.n_rows, device=device) * \
+                self.n_classes - 1
+        return cols
 
     def _score_c(self, k: int, logits: Tensor, packed: Tensor, kernel) -> Tensor:
         """The C kernel (:mod:`eenet.scores.eenet_kernel`): one call for the batch."""
