@@ -170,11 +170,9 @@ class BenchResult:
     def _drift_lines(self) -> list[str]:
         if self.drift is None:
             return []
-        lines = [f"network vs cache: {self.drift.describe()}"]
-        if self.drift.exceeds():
-            lines.append(f"warning: drift over {100 * DRIFT_LIMIT:.0f}%: the policy was fitted "
-                         f"on costs this network no longer has; re-cache and fit again")
-        return lines
+        over = f"   over {100 * DRIFT_LIMIT:.0f}%: re-cache and fit again" \
+            if self.drift.exceeds() else ""
+        return [f"network vs cache: {self.drift.describe()}{over}"]
 
 
 @contextlib.contextmanager

@@ -66,8 +66,9 @@ class CostDrift:
         """The warning when the drift exceeds ``limit``, else ``""``."""
         if not self.exceeds(limit):
             return ""
-        return (f"the network's exit costs drifted {100 * self.worst:+.1f}% from the cache's "
-                f"({self.describe()}), over {100 * limit:.0f}%: a policy fitted on the cached "
+        return (f"the network's exit costs drifted from the cache's by up to "
+                f"{100 * self.worst:+.1f}%, over {100 * limit:.0f}% ({self.describe()}): "
+                f"a policy fitted on the cached "
                 f"costs spends that much more (or less) than its budget; re-cache on this "
                 f"machine under serving conditions (eenet cache) and fit again")
 

@@ -20,9 +20,9 @@ row gather of it, whatever the number of exits.
 Two kernels compute the same scores. The pure-torch one runs on any device;
 on the CPU one compiled C call per exit (:mod:`eenet.scores.eenet_kernel`)
 does the same arithmetic without the thirty-odd operator dispatches, which
-are what a decision at batch 1 costs (benchmarks/scoring_overhead.py). :class:`EENetStream` is the one scoring
-path of a fitted EENet scorer: the cache is scored with it, and so is every
-batch the runtime serves.
+are what a decision at batch 1 costs (benchmarks/scoring_overhead.py).
+:class:`EENetStream` is the one scoring path of a fitted EENet scorer: the
+cache is scored with it, and so is every batch the runtime serves.
 """
 from __future__ import annotations
 
