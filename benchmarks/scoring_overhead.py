@@ -6,11 +6,13 @@ leaving at exit k) is measured by :func:`eenet.runtime.overhead.policy_overhead`
 around a stand-in network and inside the real network at batch 1, and around
 the stand-in at batch 256 (per sample, every sample leaving at the same exit:
 inside the network the policy's share of a 256-sample batch is below the
-timing noise of a shared machine), each the fastest of many short blocks
-(``statistic="min"``: the machine is shared). The per-exit step is
-``(O_{K-2} - O_0) / (K - 2)``, the mean cost of scoring one more exit. EENet
-is measured three ways in the same run: as served (the C kernel where it builds), with its
-pure-torch kernel, and with the scoring code of revision ``--before`` (the
+timing noise of a shared machine). The machine is shared, so the timing is
+``statistic="paired"``: inside the network the median difference of short
+blocks timed back to back, around the stand-in the fastest block. The
+per-exit step is ``(O_{K-2} - O_0) / (K - 2)``, the mean cost of scoring one
+more exit. EENet is measured three ways in the same run: as served (the C
+kernel where it builds), with its pure-torch kernel, and with the scoring
+code of revision ``--before`` (the
 per-field history before the packed state; read with ``git show``, run in
 today's runtime), so before and after are side by side on the same load.
 ``*_over_maxprob`` columns divide by max-probability's figure of the same
@@ -88,7 +90,7 @@ def measure(policies: dict[str, ExitPolicy], val, batches: list[int], min_run_ti
             ) -> pd.DataFrame:
     """One row per (method, variant, batch, place): O_0, the per-exit step, O_k."""
     inside = choose_overhead("model", val)
-    timing = {"min_run_time": min_run_time, "statistic": "min"}
+    timing = {"min_run_time": min_run_time, "statistic": "paired"}
     rows = []
     for batch in batches:
         for name, policy in policies.items():

@@ -605,11 +605,23 @@ class TestPolicyOverhead:
         assert over.shape == (4,) and np.all(np.isfinite(over))
         assert np.all(over > 0) and np.all(np.diff(over) >= 0)
 
+    @pytest.mark.parametrize("statistic", ["median", "paired"])
+    def test_per_sample_at_a_batch(self, cnn_data, cnn_policies, statistic):
+        """At batch 32 every sample leaves at the same exit; the cost is per sample, and the
+        policy's work is shared by the batch, so it costs less per sample than at batch 1."""
+        fit, _, _ = cnn_data
+        one = policy_overhead(cnn_policies["eenet"], fit, min_run_time=0.05,
+                              statistic=statistic)
+        many = policy_overhead(cnn_policies["eenet"], fit, min_run_time=0.05, batch=32,
+                               statistic=statistic)
+        assert many.shape == (4,) and np.all(np.isfinite(many)) and np.all(np.diff(many) >= 0)
+        assert many[-1] < one[-1]
+
     def test_flops(self, cnn_policies, flops_cache):
         eenet = policy_overhead(cnn_policies["eenet"], flops_cache)
         maxprob = policy_overhead(cnn_policies["maxprob"], flops_cache)
         assert np.all(np.diff(eenet) >= 0) and np.all(np.diff(maxprob) >= 0)
-        assert np.all(eenet > 0)  # the scoring heads' matmuls
+        assert np.all(eenet > 0)  # the scoring heads' matmuls (counted on the torch kernel)
         assert np.all(maxprob <= 0.01 * eenet)  # a softmax and a max: no matmul
         # one head per exit scored before the exit; the last exit takes everyone unscored
         assert eenet[1] > eenet[0]
@@ -688,8 +700,10 @@ class TestChooseOverhead:
             measure = choose_overhead(mode, cache)  # the toy MLP runs far under 0.1 ms
         assert measure is not None and measure is not policy_overhead
         policy = fit_policy("maxprob", cache, 0.2)
-        over = measure(policy, cache)
-        assert over.shape == (3,) and np.all(np.isfinite(over))
+        for options in ({}, {"statistic": "paired", "batch": 4, "min_run_time": 0.05}):
+            over = measure(policy, cache, **options)
+            assert over.shape == (3,) and np.all(np.isfinite(over))
+            assert np.all(over >= 0) and np.all(np.diff(over) >= 0)
 
 
 # ---------------------------------------------------------------------------

@@ -77,7 +77,8 @@ def _leaving_at(policy: ExitPolicy, k: int) -> ExitPolicy:
 def policy_overhead(policy: ExitPolicy, cache: ExitCache, *, device: str | None = None,
                     min_run_time: float = 0.3, model: nn.Module | None = None,
                     example_input: Any = None, batch: int = 1,
-                    statistic: Literal["median", "min"] = "median") -> np.ndarray | None:
+                    statistic: Literal["median", "paired"] = "median"
+                    ) -> np.ndarray | None:
     """The policy's own cost ``O_k`` for a sample leaving at each exit, in the cache's unit.
 
     Without ``model`` the runtime is timed around a stand-in network that
@@ -100,9 +101,10 @@ def policy_overhead(policy: ExitPolicy, cache: ExitCache, *, device: str | None 
         batch: time batches of this many copies of the input, every sample
             leaving at the same exit; the result is per sample (serving
             decides at batch 1, the default).
-        statistic: ``"median"`` (as the cache's costs are measured) or ``"min"``:
-            the fastest of many blocks of about 0.5 ms, which compares methods
-            on a machine others load (benchmarks only).
+        statistic: ``"median"`` (interleaved medians, as the cache's costs are
+            measured) or ``"paired"``: inside the network, the median difference
+            of blocks of about 0.5 ms timed back to back, around the stand-in the
+            fastest block; steadier on a machine others load (benchmarks).
 
     Returns:
         float64 [n_exits], non-decreasing, or ``None``.
@@ -128,11 +130,15 @@ def policy_overhead(policy: ExitPolicy, cache: ExitCache, *, device: str | None 
             out[k] = counter.get_total_flops() / batch
         return np.maximum.accumulate(out)
     runs = [lambda run=run: run(x) for run in served]
+    network = None
     if real:  # the network alone, truncated after each exit, to subtract
         stages, heads = staged_parts(net)
-        runs += [lambda k=k: _truncated(stages, heads, k, x) for k in range(k_exits)]
-    times = _interleaved_times(runs, dev, min_run_time, statistic)
-    out = (times[:k_exits] - (times[k_exits:] if real else 0.0)) / batch
+        network = [lambda k=k: _truncated(stages, heads, k, x) for k in range(k_exits)]
+    if statistic == "paired":
+        out = _paired(runs, network, dev, min_run_time) / batch
+    else:
+        times = _interleaved_medians(runs + (network or []), dev, min_run_time)
+        out = (times[:k_exits] - (times[k_exits:] if real else 0.0)) / batch
     return np.maximum.accumulate(np.maximum(out, 0.0))  # timing noise between near-equal exits
 
 
@@ -145,40 +151,52 @@ def _truncated(stages: nn.ModuleList, heads: nn.ModuleList, k: int, x: Any) -> A
     return h
 
 
-def _interleaved_times(runs: list[Callable[[], Any]], dev: torch.device,
-                       min_run_time: float, statistic: str = "median") -> np.ndarray:
-    """ms per call of each run, over rounds interleaved across the calls.
+def _interleaved_medians(runs: list[Callable[[], Any]], dev: torch.device,
+                         min_run_time: float) -> np.ndarray:
+    """Median ms of each call over rounds interleaved across the calls.
 
     Interleaving spreads a burst of load on a shared machine over every call
-    instead of landing on one. ``median``: each round's median block, and the
-    median round (the cache's costs are medians too); ``min``: the fastest
-    short block of any round.
+    instead of landing on one; the median round counts, as the cache's costs
+    are medians too.
     """
     rounds = np.empty((_ROUNDS, len(runs)))
-    threads = 1 if dev.type == "cpu" else torch.get_num_threads()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for r in range(_ROUNDS):
             for i, run in enumerate(runs):
-                timer = benchmark.Timer(stmt="run()", globals={"run": run},
-                                        num_threads=threads)
-                if statistic == "min":
-                    rounds[r, i] = _fastest_block(timer, min_run_time / _ROUNDS) * 1e3
-                else:
-                    rounds[r, i] = timer.blocked_autorange(
-                        min_run_time=min_run_time / _ROUNDS).median * 1e3
-    return rounds.min(axis=0) if statistic == "min" else np.median(rounds, axis=0)
+                rounds[r, i] = _timer(run, dev).blocked_autorange(
+                    min_run_time=min_run_time / _ROUNDS).median * 1e3
+    return np.median(rounds, axis=0)
 
 
-def _fastest_block(timer: benchmark.Timer, seconds: float) -> float:
-    """Seconds per call in the fastest of blocks of about 0.5 ms, timed for ``seconds``."""
-    once = max(timer.timeit(1).mean, 1e-7)
-    number = max(1, int(5e-4 / once))
-    best, spent = np.inf, 0.0
-    while spent < seconds:
-        block = timer.timeit(number).mean
-        best, spent = min(best, block), spent + block * number
-    return best
+def _paired(runs: list[Callable[[], Any]], minus: list[Callable[[], Any]] | None,
+            dev: torch.device, min_run_time: float) -> np.ndarray:
+    """ms of ``runs[k]`` minus ``minus[k]``: the median over alternating blocks of about
+    0.5 ms of their difference (without ``minus``, the fastest block of ``runs[k]``).
+
+    On a machine others load, the speed of a core drifts over seconds (another
+    job on its sibling thread); blocks timed back to back see the same drift,
+    so their difference cancels it where two separate medians do not.
+    """
+    out = np.empty(len(runs))
+    seconds = min_run_time / len(runs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k, run in enumerate(runs):
+            timers = [_timer(run, dev)] + ([_timer(minus[k], dev)] if minus else [])
+            number = max(1, int(5e-4 / max(timers[0].timeit(1).mean, 1e-7)))
+            diffs, spent = [], 0.0
+            while spent < seconds or len(diffs) < 5:
+                blocks = [t.timeit(number).mean for t in timers]
+                diffs.append(blocks[0] - sum(blocks[1:]))
+                spent += sum(blocks) * number
+            out[k] = (np.median(diffs) if minus else min(diffs)) * 1e3
+    return out
+
+
+def _timer(run: Callable[[], Any], dev: torch.device) -> benchmark.Timer:
+    threads = 1 if dev.type == "cpu" else torch.get_num_threads()
+    return benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=threads)
 
 
 def _cache_device(cache: ExitCache) -> str:
