@@ -15,9 +15,11 @@ kernel where it builds), with its pure-torch kernel, and with the scoring
 code of revision ``--before`` (the
 per-field history before the packed state; read with ``git show``, run in
 today's runtime), so before and after are side by side on the same load.
-``*_over_maxprob`` columns divide by max-probability's figure of the same
-batch and place. Then ``torch.profiler`` lists the operators of one EENet
-decision at exits 0 and 1 for each of the three.
+Every policy is timed once per round, ``--rounds`` rounds in turn; figures
+are medians over the rounds, and ``*_over_maxprob`` ratios the medians of each
+round's ratio to max-probability's figure of the same batch and place. Then
+``torch.profiler`` lists the operators of one EENet decision at exits 0 and 1
+for each of the three.
 
 Usage:
     python benchmarks/scoring_overhead.py --out benchmarks/results/scoring_overhead.csv
@@ -32,6 +34,7 @@ import types
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -86,35 +89,53 @@ def profile_decision(policy: ExitPolicy, n_classes: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
 
 
-def measure(policies: dict[str, ExitPolicy], val, batches: list[int], min_run_time: float
-            ) -> pd.DataFrame:
-    """One row per (method, variant, batch, place): O_0, the per-exit step, O_k."""
+def measure(policies: dict[str, ExitPolicy], val, batches: list[int], min_run_time: float,
+            rounds: int) -> pd.DataFrame:
+    """One row per (method, variant, batch, place): O_0, the per-exit step, O_k.
+
+    Every policy is timed once per round, the rounds one after the other, so a
+    stretch of load lands on every method; each figure is the median over the
+    rounds, and each ratio the median of the rounds' ratios to max-probability.
+    """
     inside = choose_overhead("model", val)
     timing = {"min_run_time": min_run_time, "statistic": "paired"}
+    seen: dict[tuple[str, int, str], list[np.ndarray]] = {}
+    for r in range(rounds):
+        for batch in batches:
+            for name, policy in policies.items():
+                seen.setdefault((name, batch, "stand-in"), []).append(
+                    policy_overhead(policy, val, batch=batch, **timing))
+                if batch == 1:
+                    seen.setdefault((name, batch, "in the network"), []).append(
+                        inside(policy, val, **timing))
+        print(f"round {r + 1} of {rounds} done", flush=True)
     rows = []
-    for batch in batches:
-        for name, policy in policies.items():
-            method, _, variant = name.partition(" / ")
-            places = {"stand-in": lambda: policy_overhead(policy, val, batch=batch, **timing)}
-            if batch == 1:
-                places["in the network"] = lambda: inside(policy, val, **timing)
-            for where, measured in places.items():
-                own = measured()
-                rows.append({"method": method, "variant": variant or "served", "batch": batch,
-                             "measured": where, "first_exit_ms": float(val.costs[0]),
-                             "own_cost_exit0_us": 1e3 * float(own[0]),
-                             "per_exit_step_us": 1e3 * _mean_step(own),
-                             "own_cost_by_exit_us": ";".join(f"{1e3 * o:.2f}" for o in own)})
-                r = rows[-1]
-                print(f"batch {batch:3d} {name:28s} {where:15s} O_0 {r['own_cost_exit0_us']:7.2f}"
-                      f" us, per exit {r['per_exit_step_us']:7.2f} us", flush=True)
-    df = pd.DataFrame(rows)
-    base = df[df.method == "maxprob"].set_index(["batch", "measured"])
-    for col in ("own_cost_exit0_us", "per_exit_step_us"):
-        ref = base[col].reindex(pd.MultiIndex.from_frame(df[["batch", "measured"]])).to_numpy()
-        df[col.replace("_us", "_over_maxprob")] = df[col] / ref
-    df["eenet_version"] = eenet.__version__
-    return df
+    for (name, batch, where), owns in seen.items():
+        method, _, variant = name.partition(" / ")
+        own = np.median(owns, axis=0)
+        base = seen["maxprob", batch, where]
+        row = {"method": method, "variant": variant or "served", "batch": batch,
+               "measured": where, "rounds": rounds, "first_exit_ms": float(val.costs[0]),
+               "own_cost_exit0_us": 1e3 * float(own[0]),
+               "per_exit_step_us": 1e3 * float(np.median([_mean_step(o) for o in owns])),
+               "own_cost_by_exit_us": ";".join(f"{1e3 * o:.2f}" for o in own),
+               "own_cost_exit0_over_maxprob": _median_ratio([o[0] for o in owns],
+                                                             [m[0] for m in base]),
+               "per_exit_step_over_maxprob": _median_ratio([_mean_step(o) for o in owns],
+                                                           [_mean_step(m) for m in base]),
+               "eenet_version": eenet.__version__}
+        rows.append(row)
+        print(f"batch {batch:3d} {name:28s} {where:15s} O_0 {row['own_cost_exit0_us']:7.2f} us "
+              f"({row['own_cost_exit0_over_maxprob']:.2f}x maxprob), per exit "
+              f"{row['per_exit_step_us']:7.2f} us ({row['per_exit_step_over_maxprob']:.2f}x)")
+    return pd.DataFrame(rows)
+
+
+def _median_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of ``num / den``, skipping rounds where the timing noise left
+    ``den`` at 0 (a difference of two timings, clipped at 0)."""
+    ratios = [a / b for a, b in zip(num, den) if b > 0]
+    return float(np.median(ratios)) if ratios else float("nan")
 
 
 def _mean_step(own) -> float:
@@ -130,6 +151,7 @@ def main() -> None:
     ap.add_argument("--before", default=BEFORE, help="git revision of the old EENet scoring")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 256])
     ap.add_argument("--min-run-time", type=float, default=0.3, help="seconds per timing")
+    ap.add_argument("--rounds", type=int, default=5, help="timings of every policy, in turn")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/scoring_overhead.csv"))
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -142,7 +164,7 @@ def main() -> None:
                 policies[f"eenet / {variant}"] = v
         else:
             policies[method] = policy
-    df = measure(policies, val, args.batch, args.min_run_time)
+    df = measure(policies, val, args.batch, args.min_run_time, args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
     text = ["One EENet decision at exits 0 and 1, batch 1, one thread, 200 times "

@@ -153,7 +153,7 @@ class EENetStream:
     def start(self, batch: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
         """The packed state of ``batch`` samples that have seen no exit: ``{"packed":
         float32 [batch, width]}`` (see the module docstring), all zeros."""
-        return {"packed": torch.zeros(batch, self.width, device=device)}
+        return {"packed": torch.zeros(batch, self.width, dtype=torch.float32, device=device)}
 
     def score_exit(self, k: int, logits: Tensor, state: dict[str, Tensor]) -> Tensor:
         """Exit k's score logit, float32 ``[batch]``; exits must come in order from 0.
@@ -188,8 +188,9 @@ class EENetStream:
         votes = torch.maximum(packed[:, self.col_vmax:self.col_pred], count)
         parts = [p if self.top_m is None else _first(values, self.top_m), values[:, :2],
                  entropy, votes]
+        answer = pred1.float()  # as the state keeps it
         if self.agreement:
-            agree = packed[:, self.col_pred:self.col_q] == pred1
+            agree = packed[:, self.col_pred:self.col_q] == answer
             parts += [at_pred[:, :2], agree.float()]
         if k > 0:
             parts.append(packed[:, self.col_q:self.col_q + k])
@@ -198,7 +199,7 @@ class EENetStream:
             packed[:, n_classes:2 * n_classes].add_(p)
             packed[:, :n_classes].copy_(p)
         packed.scatter_(1, cols[:, -1:], count)
-        packed[:, self.col_vmax:self.col_q].copy_(torch.cat([votes, pred1], dim=1))
+        packed[:, self.col_vmax:self.col_q].copy_(torch.cat([votes, answer], dim=1))
         torch.sigmoid(s, out=packed[:, self.col_q + k])
         return s
 
@@ -215,7 +216,7 @@ class EENetStream:
         if logits.stride(1) != 1:
             logits = logits.contiguous()
         cfg, weights, _ = self._c_args[k]
-        out = torch.empty(logits.shape[0])
+        out = torch.empty(logits.shape[0], dtype=torch.float32)
         kernel(cfg, weights, logits.data_ptr(), logits.stride(0), packed.data_ptr(),
                logits.shape[0], out.data_ptr())
         return out
