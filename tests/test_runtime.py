@@ -32,6 +32,8 @@ from eenet.examples.models import MultiExitCNN, fashion_mnist_cnn4
 from eenet.ingest.forward import find_exit_modules, match_exit_modules, record_module_outputs
 from eenet.policy import ExitPolicy
 from eenet.rules import Thresholds
+from eenet.runtime.bench import bench_policy
+from eenet.runtime.drift import CostDrift, measure_drift
 from eenet.runtime.hooks import HookedEarlyExit
 from eenet.runtime.model import EarlyExitModel, EarlyExitOutput
 from eenet.runtime.overhead import choose_overhead, policy_overhead
@@ -603,11 +605,23 @@ class TestPolicyOverhead:
         assert over.shape == (4,) and np.all(np.isfinite(over))
         assert np.all(over > 0) and np.all(np.diff(over) >= 0)
 
+    @pytest.mark.parametrize("statistic", ["median", "paired"])
+    def test_per_sample_at_a_batch(self, cnn_data, cnn_policies, statistic):
+        """At batch 32 every sample leaves at the same exit; the cost is per sample, and the
+        policy's work is shared by the batch, so it costs less per sample than at batch 1."""
+        fit, _, _ = cnn_data
+        one = policy_overhead(cnn_policies["eenet"], fit, min_run_time=0.05,
+                              statistic=statistic)
+        many = policy_overhead(cnn_policies["eenet"], fit, min_run_time=0.05, batch=32,
+                               statistic=statistic)
+        assert many.shape == (4,) and np.all(np.isfinite(many)) and np.all(np.diff(many) >= 0)
+        assert many[-1] < one[-1]
+
     def test_flops(self, cnn_policies, flops_cache):
         eenet = policy_overhead(cnn_policies["eenet"], flops_cache)
         maxprob = policy_overhead(cnn_policies["maxprob"], flops_cache)
         assert np.all(np.diff(eenet) >= 0) and np.all(np.diff(maxprob) >= 0)
-        assert np.all(eenet > 0)  # the scoring heads' matmuls
+        assert np.all(eenet > 0)  # the scoring heads' matmuls (counted on the torch kernel)
         assert np.all(maxprob <= 0.01 * eenet)  # a softmax and a max: no matmul
         # one head per exit scored before the exit; the last exit takes everyone unscored
         assert eenet[1] > eenet[0]
@@ -687,11 +701,72 @@ class TestChooseOverhead:
     @pytest.mark.parametrize("mode", ["auto", "model"])
     def test_times_inside_the_recorded_network(self, mode):
         cache = self.toy_cache(model="_toy_models:staged", dataset="_toy_models:toy_data")
-        measure = choose_overhead(mode, cache)
+        with pytest.warns(UserWarning, match=r"drifted from the cache.s by up to -\d+\.\d%"):
+            measure = choose_overhead(mode, cache)  # the toy MLP runs far under 0.1 ms
         assert measure is not None and measure is not policy_overhead
         policy = fit_policy("maxprob", cache, 0.2)
-        over = measure(policy, cache)
-        assert over.shape == (3,) and np.all(np.isfinite(over))
+        for options in ({}, {"statistic": "paired", "batch": 4, "min_run_time": 0.05}):
+            over = measure(policy, cache, **options)
+            assert over.shape == (3,) and np.all(np.isfinite(over))
+            assert np.all(over >= 0) and np.all(np.diff(over) >= 0)
+
+
+# ---------------------------------------------------------------------------
+# the network's costs now against the cache's
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def timed():
+    """A staged toy MLP, one input, and its exit costs measured now."""
+    net = staged()
+    x1 = toy_data(1).tensors[0]
+    return net, x1, measure_drift(net, x1, np.ones(3)).measured_ms
+
+
+class TestCostDrift:
+    """Re-timed exits against cached costs scaled so that the drift is large whatever the
+    machine's load: the true costs times 1/3 (the network "got" 3x slower) or times 3."""
+
+    @pytest.mark.parametrize("scale, sign", [(1 / 3, 1), (3.0, -1)])
+    def test_large_drift_is_reported(self, timed, scale, sign):
+        net, x1, now = timed
+        drift = measure_drift(net, x1, now * scale, exits=[1])
+        assert drift.exits == (1, 2)  # the exit asked for, and the full model
+        assert np.sign(drift.full_model) == sign and abs(drift.full_model) > 0.3
+        assert drift.exceeds() and "re-cache" in drift.advice()
+        assert drift.describe().startswith("full model ") and "exit 1 " in drift.describe()
+
+    def test_small_drift_is_quiet(self):
+        drift = CostDrift((0, 2), np.array([0.10, 0.50]), np.array([0.104, 0.51]))
+        np.testing.assert_allclose(drift.relative, [0.04, 0.02])
+        assert not drift.exceeds() and drift.advice() == ""
+        assert CostDrift((2,), np.array([1.0]), np.array([1.06])).exceeds()
+
+    def test_bench_reports_it(self, timed):
+        net, _, now = timed
+        x = random_features(40, 3)
+        cache = cache_by_running(net, x, now / 3, seed=0, cost_unit="ms",
+                                 cost_source="measured")
+        policy = fit_policy("maxprob", cache, float(now[1] / 3))
+        dataset = torch.utils.data.TensorDataset(x, torch.zeros(40, dtype=torch.long))
+        with pytest.warns(UserWarning, match="drifted"):
+            result = bench_policy(EarlyExitModel(net, policy), dataset, batch_size=8,
+                                  n_batch1=10, repeats=1)
+        reached = {k for k, f in enumerate(result.exit_fractions) if f > 0}
+        assert set(result.drift.exits) == reached | {2} and result.drift.full_model > 0.3
+        assert "network vs cache: full model" in result.format_table()
+        assert "over 5%: re-cache" in result.format_table()
+        assert result.to_row()["cost_drift_full"] == pytest.approx(result.drift.full_model)
+
+    def test_bench_skips_costs_that_are_not_measured_latencies(self, timed):
+        net, _, now = timed
+        x = random_features(20, 4)
+        cache = cache_by_running(net, x, now / 3, seed=0, cost_unit="ms", cost_source="given")
+        policy = fit_policy("maxprob", cache, float(now[1] / 3))
+        dataset = torch.utils.data.TensorDataset(x, torch.zeros(20, dtype=torch.long))
+        result = bench_policy(EarlyExitModel(net, policy), dataset, batch_size=8, n_batch1=5,
+                              repeats=1)
+        assert result.drift is None and "network vs cache" not in result.format_table()
+        assert np.isnan(result.to_row()["cost_drift_full"])
 
 
 # ---------------------------------------------------------------------------

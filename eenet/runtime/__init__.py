@@ -7,7 +7,9 @@
 - :func:`~eenet.runtime.overhead.policy_overhead`: the policy's own cost per
   exit, measured like the network's, for calibration to include;
 - :func:`~eenet.runtime.bench.bench_policy`: realized latency per sample against
-  the budget, at batch 1 and at a serving batch size.
+  the budget, at batch 1 and at a serving batch size;
+- :func:`~eenet.runtime.drift.measure_drift`: the network's exit costs re-timed
+  now against the cache's (bench reports it, fit warns with it).
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
 
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from eenet._validation import EenetError, first_line, network_fingerprint, resolve_device
 from eenet.ingest.forward import to_device
 from eenet.ingest.resolve import describe
+from eenet.runtime.drift import DRIFT_LIMIT, CostDrift, measure_drift
 from eenet.runtime.model import EarlyExitModel, EarlyExitOutput
 
 __all__ = ["BenchResult", "ServedSplit", "bench_policy", "check_served_network", "serve"]
@@ -154,6 +156,9 @@ class BenchResult:
             plus its own (when it counts it), averaged over the samples.
         exit_fractions: share of samples leaving at each exit.
         accuracy: at the exits taken (NaN without labels).
+        drift: the network's exit costs re-timed now against the cache's
+            (:mod:`eenet.runtime.drift`), for the full model and each exit
+            reached; ``None`` when the costs are not latencies.
     """
 
     method: str
@@ -173,10 +178,15 @@ class BenchResult:
     simulated_cost: float
     exit_fractions: tuple[float, ...]
     accuracy: float
+    drift: CostDrift | None = None
 
     def to_row(self) -> dict[str, Any]:
         row = asdict(self)
         row["exit_fractions"] = ";".join(f"{f:.4f}" for f in self.exit_fractions)
+        drift = row.pop("drift") and self.drift
+        row["cost_drift_full"] = drift.full_model if drift else math.nan
+        row["cost_drift_by_exit"] = ";".join(
+            f"{k}:{r:+.4f}" for k, r in zip(drift.exits, drift.relative)) if drift else ""
         return row
 
     def format_table(self) -> str:
@@ -196,7 +206,15 @@ class BenchResult:
             f"{self.full_throughput:>12.0f}",
             f"realized batch-1 latency / budget {ratio}   simulated cost "
             f"{self.simulated_cost:.4g} {self.cost_unit}   accuracy {self.accuracy:.4f}",
-            "exit fractions " + " ".join(f"{f:.3f}" for f in self.exit_fractions)])
+            "exit fractions " + " ".join(f"{f:.3f}" for f in self.exit_fractions),
+            *self._drift_lines()])
+
+    def _drift_lines(self) -> list[str]:
+        if self.drift is None:
+            return []
+        over = f"   over {100 * DRIFT_LIMIT:.0f}%: re-cache and fit again" \
+            if self.drift.exceeds() else ""
+        return [f"network vs cache: {self.drift.describe()}{over}"]
 
 
 @contextlib.contextmanager
@@ -279,6 +297,8 @@ def bench_policy(served: EarlyExitModel, dataset: Any, *, batch_size: int = 256,
     accuracy = float((result.prediction == result.label)[labelled].mean()) \
         if labelled.any() else math.nan
     k_exits = served.n_exits
+    fractions = np.bincount(result.exit, minlength=k_exits) / result.n_samples
+    drift = _drift(served, singles[0][0], dev, np.flatnonzero(fractions))
     return BenchResult(
         method=policy.method.name, budget=float(policy.budget or math.nan),
         cost_unit=str(policy.reference["cost_unit"]), n_samples=n,  # type: ignore[index]
@@ -287,6 +307,18 @@ def bench_policy(served: EarlyExitModel, dataset: Any, *, batch_size: int = 256,
         latency_ms_batchB=t_bb * 1e3 / n, throughput=n / t_bb,
         full_ms_batch1=t_full1 * 1e3 / len(singles), full_ms_batchB=t_fullb * 1e3 / n,
         full_throughput=n / t_fullb, simulated_cost=float(costs[result.exit].mean()),
-        exit_fractions=tuple(float(f) for f in np.bincount(result.exit, minlength=k_exits)
-                             / result.n_samples),
-        accuracy=accuracy)
+        exit_fractions=tuple(float(f) for f in fractions), accuracy=accuracy, drift=drift)
+
+
+def _drift(served: EarlyExitModel, x1: Any, device: torch.device, reached: np.ndarray
+           ) -> CostDrift | None:
+    """The network's exit costs now against the cache's, when those are measured
+    latencies (warns above :data:`~eenet.runtime.drift.DRIFT_LIMIT`)."""
+    reference = served.policy.reference or {}
+    if reference.get("cost_unit") != "ms" or reference.get("cost_source") != "measured":
+        return None
+    drift = measure_drift(served.model, x1, reference["costs"], device=str(device),
+                          exits=[int(k) for k in reached])
+    if drift.exceeds():
+        warnings.warn(drift.advice(), stacklevel=3)
+    return drift

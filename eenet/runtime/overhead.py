@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -33,10 +33,11 @@ from eenet._validation import EenetError, first_line, resolve_device
 from eenet.cache import ExitCache
 from eenet.policy import ExitPolicy
 from eenet.rules import Thresholds
-from eenet.ingest.forward import to_device
+from eenet.scores.eenet_kernel import torch_only
+from eenet.ingest.forward import select_rows, to_device
 from eenet.runtime.model import EarlyExitModel, staged_parts
 
-__all__ = ["choose_overhead", "policy_overhead"]
+__all__ = ["choose_overhead", "policy_overhead", "warn_on_drift"]
 
 logger = logging.getLogger(__name__)
 _ROUNDS = 3  # timings per exit, interleaved; their median counts
@@ -48,7 +49,7 @@ class _FixedHead(nn.Module):
         self.register_buffer("logits", logits)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.logits
+        return self.logits.expand(h.shape[0], -1)  # [batch, n_classes]
 
 
 class _StandIn(nn.Module):
@@ -75,7 +76,9 @@ def _leaving_at(policy: ExitPolicy, k: int) -> ExitPolicy:
 
 def policy_overhead(policy: ExitPolicy, cache: ExitCache, *, device: str | None = None,
                     min_run_time: float = 0.3, model: nn.Module | None = None,
-                    example_input: Any = None) -> np.ndarray | None:
+                    example_input: Any = None, batch: int = 1,
+                    statistic: Literal["median", "paired"] = "median"
+                    ) -> np.ndarray | None:
     """The policy's own cost ``O_k`` for a sample leaving at each exit, in the cache's unit.
 
     Without ``model`` the runtime is timed around a stand-in network that
@@ -95,6 +98,13 @@ def policy_overhead(policy: ExitPolicy, cache: ExitCache, *, device: str | None 
         min_run_time: seconds per timing (``Timer.blocked_autorange``).
         model: the staged network the cache came from (optional, see above).
         example_input: one input of ``model``, with the batch dimension.
+        batch: time batches of this many copies of the input, every sample
+            leaving at the same exit; the result is per sample (serving
+            decides at batch 1, the default).
+        statistic: ``"median"`` (interleaved medians, as the cache's costs are
+            measured) or ``"paired"``: inside the network, the median difference
+            of blocks of about 0.5 ms timed back to back, around the stand-in the
+            fastest block; steadier on a machine others load (benchmarks).
 
     Returns:
         float64 [n_exits], non-decreasing, or ``None``.
@@ -108,21 +118,27 @@ def policy_overhead(policy: ExitPolicy, cache: ExitCache, *, device: str | None 
         policy.rule = Thresholds(np.full(k_exits, np.inf))
     real = model is not None and cache.cost_unit == "ms"
     net = model.to(dev).eval() if real else _StandIn(k_exits, n_classes, dev)
-    x = to_device(example_input, dev) if real else torch.zeros(1, 1, device=dev)
+    copies = torch.zeros(batch, dtype=torch.long)  # [batch] row 0, repeated
+    x = select_rows(to_device(example_input, dev), copies) if real else torch.zeros(
+        batch, 1, device=dev)
     served = [EarlyExitModel(net, _leaving_at(policy, k)) for k in range(k_exits)]
     if cache.cost_unit == "flops":
         out = np.empty(k_exits)
         for k, run in enumerate(served):
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False) as counter, torch_only():
                 run(x)
-            out[k] = counter.get_total_flops()
+            out[k] = counter.get_total_flops() / batch
         return np.maximum.accumulate(out)
     runs = [lambda run=run: run(x) for run in served]
+    network = None
     if real:  # the network alone, truncated after each exit, to subtract
         stages, heads = staged_parts(net)
-        runs += [lambda k=k: _truncated(stages, heads, k, x) for k in range(k_exits)]
-    times = _interleaved_medians(runs, dev, min_run_time)
-    out = times[:k_exits] - (times[k_exits:] if real else 0.0)
+        network = [lambda k=k: _truncated(stages, heads, k, x) for k in range(k_exits)]
+    if statistic == "paired":
+        out = _paired(runs, network, dev, min_run_time) / batch
+    else:
+        times = _interleaved_medians(runs + (network or []), dev, min_run_time)
+        out = (times[:k_exits] - (times[k_exits:] if real else 0.0)) / batch
     return np.maximum.accumulate(np.maximum(out, 0.0))  # timing noise between near-equal exits
 
 
@@ -144,16 +160,43 @@ def _interleaved_medians(runs: list[Callable[[], Any]], dev: torch.device,
     are medians too.
     """
     rounds = np.empty((_ROUNDS, len(runs)))
-    threads = 1 if dev.type == "cpu" else torch.get_num_threads()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for r in range(_ROUNDS):
             for i, run in enumerate(runs):
-                timer = benchmark.Timer(stmt="run()", globals={"run": run},
-                                        num_threads=threads)
-                rounds[r, i] = timer.blocked_autorange(
+                rounds[r, i] = _timer(run, dev).blocked_autorange(
                     min_run_time=min_run_time / _ROUNDS).median * 1e3
     return np.median(rounds, axis=0)
+
+
+def _paired(runs: list[Callable[[], Any]], minus: list[Callable[[], Any]] | None,
+            dev: torch.device, min_run_time: float) -> np.ndarray:
+    """ms of ``runs[k]`` minus ``minus[k]``: the median over alternating blocks of about
+    0.5 ms of their difference (without ``minus``, the fastest block of ``runs[k]``).
+
+    On a machine others load, the speed of a core drifts over seconds (another
+    job on its sibling thread); blocks timed back to back see the same drift,
+    so their difference cancels it where two separate medians do not.
+    """
+    out = np.empty(len(runs))
+    seconds = min_run_time / len(runs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k, run in enumerate(runs):
+            timers = [_timer(run, dev)] + ([_timer(minus[k], dev)] if minus else [])
+            number = max(1, int(5e-4 / max(timers[0].timeit(1).mean, 1e-7)))
+            diffs, spent = [], 0.0
+            while spent < seconds or len(diffs) < 5:
+                blocks = [t.timeit(number).mean for t in timers]
+                diffs.append(blocks[0] - sum(blocks[1:]))
+                spent += sum(blocks) * number
+            out[k] = (np.median(diffs) if minus else min(diffs)) * 1e3
+    return out
+
+
+def _timer(run: Callable[[], Any], dev: torch.device) -> benchmark.Timer:
+    threads = 1 if dev.type == "cpu" else torch.get_num_threads()
+    return benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=threads)
 
 
 def _cache_device(cache: ExitCache) -> str:
@@ -191,16 +234,37 @@ def choose_overhead(mode: str, cache: ExitCache):
             return policy_overhead
     else:
         model, example = _recorded_network(cache)
+    warn_on_drift(model, example, cache)
 
-    def inside_the_network(policy: ExitPolicy, fitted_on: ExitCache) -> np.ndarray | None:
-        return policy_overhead(policy, fitted_on, model=model, example_input=example)
+    def inside_the_network(policy: ExitPolicy, fitted_on: ExitCache, **options: Any
+                           ) -> np.ndarray | None:
+        return policy_overhead(policy, fitted_on, model=model, example_input=example, **options)
     return inside_the_network
+
+
+def warn_on_drift(model: nn.Module, example: Any, cache: ExitCache) -> None:
+    """Re-time the network's exits and warn when they drifted more than 5% from the
+    cache's measured latencies (:mod:`eenet.runtime.drift`).
+
+    It warns and does not rescale: the drift is the machine's state at this
+    moment (another job's load, a clock), which may not be its state when the
+    policy serves, and a rescaled budget would no longer match the costs the
+    cache, ``evaluate`` and ``sweep`` report. Re-caching re-times every split
+    consistently.
+    """
+    if cache.cost_unit != "ms" or cache.cost_source != "measured":
+        return
+    from eenet.runtime.drift import measure_drift
+
+    drift = measure_drift(model, example, cache.costs, device=_cache_device(cache))
+    logger.info("exit costs now vs the cache's: %s", drift.describe())
+    if drift.exceeds():
+        warnings.warn(drift.advice(), stacklevel=3)
 
 
 def _recorded_network(cache: ExitCache) -> tuple[nn.Module, Any]:
     """The staged network and one input of the dataset ``cache`` was made from."""
     from eenet.ingest.data import load_dataset
-    from eenet.ingest.forward import select_rows
     from eenet.ingest.model import load_model
 
     if not cache.model or not cache.dataset:

@@ -214,6 +214,11 @@ class EENetScorer:
         (:class:`~eenet.scores.eenet_stream.EENetStream`)."""
         return self._stream_or_fail("score").score_exit(k, logits, state)
 
+    @property
+    def stream(self) -> EENetStream:
+        """The per-exit scoring path (its ``kernel`` attribute picks C or torch)."""
+        return self._stream_or_fail("stream")
+
     def _stream_or_fail(self, step: str) -> EENetStream:
         if self._stream is None:
             net = self._require(step)

@@ -10,22 +10,31 @@ scoring an exit needs only
     z_k = [p_k (or its top m), top-1, top-2, H(p_k), votes for the answer,
            (p_{k-1}[y_k], sum_{j<k} p_j[y_k], 1[y_{k-1} = y_k]), q_0 .. q_{k-1}]
 
-with ``H`` the entropy: about twenty tensor operations per exit, whatever the
-batch. The running history (previous probabilities, their sum, the votes) is
-updated lazily, when the next exit is scored, so a sample that leaves pays
-nothing for it. :class:`EENetStream` is the one scoring path of a fitted
-EENet scorer: the cache is scored with it, and so is every batch the
-runtime serves.
+with ``H`` the entropy. A batch's whole running state is one packed float32
+tensor ``[batch, width]`` (:meth:`EENetStream.start`), updated in place: the
+previous exit's probabilities, their running sum and the votes per class
+(``n_classes`` columns each), the most votes any class has, the last answer,
+and the scores so far. A runtime keeps the samples still running with one
+row gather of it, whatever the number of exits.
+
+Two kernels compute the same scores. The pure-torch one runs on any device;
+on the CPU one compiled C call per exit (:mod:`eenet.scores.eenet_kernel`)
+does the same arithmetic without the thirty-odd operator dispatches, which
+are what a decision at batch 1 costs (benchmarks/scoring_overhead.py).
+:class:`EENetStream` is the one scoring path of a fitted EENet scorer: the
+cache is scored with it, and so is every batch the runtime serves.
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from eenet.scores.eenet_heads import EENetHeads
+from eenet.scores.eenet_kernel import CFG_FIELDS, kernel_forced_off, load_kernel, pack_head
 
 __all__ = ["EENetStream", "FoldedHead", "fold_scoring_heads"]
 
@@ -94,14 +103,43 @@ class EENetStream:
         n_exits, n_classes: the network's.
         top_m: feed the ``top_m`` largest probabilities instead of all (None: all).
         agreement: the agreement features are in use.
+        kernel: ``"auto"`` (the C kernel for CPU tensors where it builds, torch
+            elsewhere), ``"torch"`` or ``"c"`` (CPU tensors only).
     """
 
     def __init__(self, heads: list[FoldedHead], *, n_exits: int, n_classes: int,
-                 top_m: int | None, agreement: bool) -> None:
+                 top_m: int | None, agreement: bool,
+                 kernel: Literal["auto", "torch", "c"] = "auto") -> None:
         self.heads, self.n_exits, self.n_classes = heads, n_exits, n_classes
-        self.top_m, self.agreement = top_m, agreement
+        self.top_m, self.agreement, self.kernel = top_m, agreement, kernel
         self.n_top = max(2, top_m or 0)
+        self.feed = n_classes if top_m is None else top_m  # probability columns fed
+        self.n_raw = self.feed + (7 if agreement else 4)  # raw features before the scores
+        # packed state columns: history rows (n_classes each), vmax, answer + 1, scores
+        self.n_rows = 3 if agreement else 1
+        self.col_vmax = self.n_rows * n_classes
+        self.col_pred = self.col_vmax + 1
+        self.col_q = self.col_vmax + 2
+        self.width = self.col_q + n_exits
         self._device: dict[torch.device, list[FoldedHead]] = {}
+        self._cols: dict[torch.device, Tensor] = {}
+        self._c_args = [self._c_settings(k, h) for k, h in enumerate(heads)]
+
+    def _c_settings(self, k: int, head: FoldedHead) -> tuple[int, int, tuple]:
+        """Exit k's settings and flat weights for the C kernel: their addresses, and the
+        arrays that keep them alive."""
+        values = dict(n_classes=self.n_classes, width=self.width, n_rows=self.n_rows,
+                      col_vmax=self.col_vmax, col_pred=self.col_pred, col_q=self.col_q, k=k,
+                      feed=self.feed, top_m=self.top_m or 0, agreement=int(self.agreement),
+                      n_raw=self.n_raw, hidden=head.w_first.shape[1],
+                      n_hidden=len(head.hidden), has_out=int(head.w_out is not None))
+        cfg = np.array([values[name] for name in CFG_FIELDS], dtype=np.intc)
+        arrays = [t.detach().cpu().float().numpy() if t is not None else None for t in
+                  (head.w_first, head.b_first, head.w_out, head.b_out)]
+        hidden = tuple((w.detach().cpu().float().numpy(), b.detach().cpu().float().numpy())
+                       for w, b in head.hidden)
+        weights = pack_head(arrays[0], arrays[1], hidden, arrays[2], arrays[3])
+        return cfg.ctypes.data, weights.ctypes.data, (cfg, weights)
 
     def _on(self, device: torch.device) -> list[FoldedHead]:
         if device not in self._device:
@@ -113,58 +151,86 @@ class EENetStream:
         return self._device[device]
 
     def start(self, batch: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
-        """History rows: previous probabilities, their running sum, votes (agreement),
-        or votes alone; the answer and vote count so far; the earlier scores."""
-        rows = 3 if self.agreement else 1
-        return {"hist": torch.zeros(batch, rows, self.n_classes, device=device),
-                "vmax": torch.zeros(batch, 1, device=device),
-                "pred": torch.full((batch,), -1, dtype=torch.long, device=device),
-                "q": torch.zeros(batch, 0, device=device)}
-
-    def _catch_up(self, state: dict[str, Tensor]) -> None:
-        """Fold the previous exit's outputs (kept in ``state``) into the history."""
-        hist = state["hist"]
-        if self.agreement:
-            p = state.pop("p")
-            hist[:, 0].copy_(p)
-            hist[:, 1].add_(p)
-        hist[:, -1].scatter_(1, state["pred"][:, None], state.pop("count"))
-        state["q"] = torch.cat([state["q"], torch.sigmoid(state.pop("s"))[:, None]], dim=1)
+        """The packed state of ``batch`` samples that have seen no exit: ``{"packed":
+        float32 [batch, width]}`` (see the module docstring), all zeros."""
+        return {"packed": torch.zeros(batch, self.width, dtype=torch.float32, device=device)}
 
     def score_exit(self, k: int, logits: Tensor, state: dict[str, Tensor]) -> Tensor:
-        """Exit k's score logit ``[batch]``; exits must come in order from 0."""
+        """Exit k's score logit, float32 ``[batch]``; exits must come in order from 0.
+
+        Updates the packed state in place with exit k's outputs.
+        """
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        packed = state["packed"]
+        if self.kernel != "torch" and logits.device.type == "cpu":
+            kernel = load_kernel()
+            if kernel is not None:
+                if not packed.is_contiguous():  # the C kernel writes rows in place
+                    packed = state["packed"] = packed.contiguous()
+                return self._score_c(k, logits, packed, kernel)
+            if self.kernel == "c" and not kernel_forced_off():
+                raise RuntimeError("EENet's C kernel could not be built here (see the log)")
+        return self._score_torch(k, logits, packed)
+
+    def _score_torch(self, k: int, logits: Tensor, packed: Tensor) -> Tensor:
+        """The pure-torch kernel (any device)."""
         head = self._on(logits.device)[k]
-        if k > 0:
-            self._catch_up(state)
-        p = torch.softmax(logits.float(), dim=1)
-        top = p.topk(min(self.n_top, p.shape[1]), dim=1)  # _first pads a short top-m
-        values, pred = top.values, top.indices[:, 0]
+        n_classes = logits.shape[1]
+        p = torch.softmax(logits, dim=1)
+        values = p.topk(min(self.n_top, n_classes), dim=1).values  # _first pads a short top-m
+        pred1 = p.argmax(dim=1, keepdim=True) + 1  # [b, 1] the answer + 1 (ties: lowest class)
         entropy = torch.special.entr(p).sum(dim=1, keepdim=True)
-        hist = state["hist"]
-        rows = hist.shape[1]
         # every history row at this exit's answer: [b, rows]
-        at_pred = hist.gather(2, pred.view(-1, 1, 1).expand(-1, rows, 1)).view(-1, rows)
+        cols = pred1 + self._row_cols(logits.device)
+        at_pred = packed.gather(1, cols)
         count = at_pred[:, -1:] + 1.0  # votes for this answer, this exit included
-        votes = torch.maximum(state["vmax"], count)
+        votes = torch.maximum(packed[:, self.col_vmax:self.col_pred], count)
         parts = [p if self.top_m is None else _first(values, self.top_m), values[:, :2],
                  entropy, votes]
+        answer = pred1.float()  # as the state keeps it
         if self.agreement:
-            parts += [at_pred[:, :2], (pred == state["pred"]).unsqueeze(1).float()]
+            agree = packed[:, self.col_pred:self.col_q] == answer
+            parts += [at_pred[:, :2], agree.float()]
         if k > 0:
-            parts.append(state["q"])
-        h = torch.addmm(head.b_first, torch.cat(parts, dim=1), head.w_first)
-        if head.w_out is None:
-            s = h[:, 0]
-        else:
-            h = torch.relu(h)
-            for w, b in head.hidden:
-                h = torch.relu(torch.addmm(b, h, w))
-            s = torch.addmv(head.b_out, h, head.w_out)
-        state.update(vmax=votes, count=count, s=s)
+            parts.append(packed[:, self.col_q:self.col_q + k])
+        s = _mlp_torch(torch.cat(parts, dim=1), head)
         if self.agreement:
-            state["p"] = p
-        state["pred"] = pred
+            packed[:, n_classes:2 * n_classes].add_(p)
+            packed[:, :n_classes].copy_(p)
+        packed.scatter_(1, cols[:, -1:], count)
+        packed[:, self.col_vmax:self.col_q].copy_(torch.cat([votes, answer], dim=1))
+        torch.sigmoid(s, out=packed[:, self.col_q + k])
         return s
+
+    def _row_cols(self, device: torch.device) -> Tensor:
+        """``[rows]`` column of class -1 in each history row (the answer + 1 indexes it)."""
+        cols = self._cols.get(device)
+        if cols is None:
+            cols = self._cols[device] = torch.arange(self.n_rows, device=device) * \
+                self.n_classes - 1
+        return cols
+
+    def _score_c(self, k: int, logits: Tensor, packed: Tensor, kernel) -> Tensor:
+        """The C kernel (:mod:`eenet.scores.eenet_kernel`): one call for the batch."""
+        if logits.stride(1) != 1:
+            logits = logits.contiguous()
+        cfg, weights, _ = self._c_args[k]
+        out = torch.empty(logits.shape[0], dtype=torch.float32)
+        kernel(cfg, weights, logits.data_ptr(), logits.stride(0), packed.data_ptr(),
+               logits.shape[0], out.data_ptr())
+        return out
+
+
+def _mlp_torch(x: Tensor, head: FoldedHead) -> Tensor:
+    """A folded scoring head on the raw features ``x`` [b, raw_dim + k]: the logit [b]."""
+    h = torch.addmm(head.b_first, x, head.w_first)
+    if head.w_out is None:
+        return h[:, 0]
+    h = torch.relu_(h)
+    for w, b in head.hidden:
+        h = torch.relu_(torch.addmm(b, h, w))
+    return torch.addmv(head.b_out, h, head.w_out)
 
 
 def _first(values: Tensor, m: int) -> Tensor:
