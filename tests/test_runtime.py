@@ -367,7 +367,8 @@ class TestMatchesSimulation:
         fit = cache_by_running(model, random_features(600, 5), MLP_COSTS, seed=5)
         x = random_features(200, 6)
         test = cache_by_running(model, x, MLP_COSTS, seed=6)
-        policy = fit_policy("maxprob", fit, 2.0)
+        # geometric gives every exit a share, so the compaction is exercised at each
+        policy = fit_policy("maxprob", fit, 2.0, calibration="geometric")
         assert np.bincount(policy.exits(test), minlength=3).min() > 0
         compare(serve(EarlyExitModel(model, policy), x, 50), policy, test)
 
@@ -817,7 +818,9 @@ class TestHooked:
     @pytest.mark.parametrize("method", ["maxprob", "patience", "eenet"])
     def test_rest_of_forward_does_not_run(self, interleaved_data, method):
         model, fit, x, test = interleaved_data
-        policy = fit_policy(method, fit, 2.0)
+        # rules that give every exit a share
+        policy = fit_policy(method, fit, 2.0,
+                            calibration="patience" if method == "patience" else "geometric")
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # exits between the blocks: nothing to warn about
             served = HookedEarlyExit(model, policy, example_input=x[:1])
