@@ -6,11 +6,14 @@ The candidates are compared by their **out-of-fold** accuracy on the
 calibration cache: the cache is cut into ``folds`` stratified parts, every
 method is fitted (scorer and thresholds) on all parts but one and applied to
 the part left out, so every sample is predicted once by a policy that never
-saw it. The most accurate candidate wins; a cheaper decision within the
-comparison's own noise (one standard error of the paired difference of
-out-of-fold correctness) wins the tie, since it spends less of the budget on
-deciding and drifts less when the machine does. The winner is then fitted on
-the whole cache, and the policy records every candidate's evidence.
+saw it. The most accurate candidate wins. When the policies' own costs are
+charged, a cheaper decision within the comparison's own noise (one standard
+error of the paired difference of out-of-fold correctness) wins the tie: it
+spends less of the budget on deciding and drifts less when the machine does.
+When they are not charged (costs given by hand, FLOPs of the network alone)
+nothing is known to be cheaper, and the most accurate wins outright. The
+winner is then fitted on the whole cache, and the policy records every
+candidate's evidence.
 
 The policy's own cost of each method is measured once, on its fit to the
 whole cache, and charged as a fixed vector inside the folds: timing is a
@@ -36,7 +39,7 @@ __all__ = ["AUTO_METHODS", "AutoCandidate", "fit_auto", "stratified_folds"]
 #: own costs are not measured): one threshold per exit, a softmax, an entropy, a running
 #: vote, a small MLP per exit.
 AUTO_METHODS: tuple[str, ...] = ("static", "maxprob", "entropy", "patience", "eenet")
-#: How much work each decision is, for ties when the policies' own costs are not measured.
+#: How much work each decision is: breaks exact ties of accuracy.
 DECISION_RANK = {name: rank for rank, name in enumerate((*AUTO_METHODS, "eenet-paper"))}
 #: Standard errors of the paired difference inside which two candidates tie.
 TIE_Z = 1.0
@@ -103,10 +106,13 @@ def _out_of_fold(method: str, cache: ExitCache, budget: float, folds: list[np.nd
     return correct, cost
 
 
-def _winner(names: list[str], correct: dict[str, np.ndarray], decision_cost: dict[str, float]
-            ) -> tuple[str, str]:
-    """The most accurate name, or the cheapest decision tied with it; and why."""
-    best = max(names, key=lambda m: correct[m].mean())
+def _winner(names: list[str], correct: dict[str, np.ndarray],
+            decision_cost: dict[str, float] | None) -> tuple[str, str]:
+    """The most accurate name and why; with the decisions' own costs known, the cheapest
+    decision whose accuracy is within the noise of the most accurate one."""
+    best = max(names, key=lambda m: (correct[m].mean(), -DECISION_RANK[m]))
+    if decision_cost is None:
+        return best, "the most accurate out of fold"
     tied = []
     for m in names:
         diff = correct[best].astype(float) - correct[m]
@@ -179,9 +185,8 @@ def fit_auto(cache: ExitCache, budget: float, *, methods: Sequence[str] = AUTO_M
         correct[name], cost[name] = _out_of_fold(name, cache, budget, parts, policy.overhead,
                                                  policy_kwargs, hparams)
         decision[name] = 0.0 if policy.overhead is None else float(policy.overhead[-1])
-    if all(p.overhead is None for p in full.values()):
-        decision = {m: float(DECISION_RANK[m]) for m in full}
-    chosen, reason = _winner(list(full), correct, decision)
+    charged = any(p.overhead is not None for p in full.values())
+    chosen, reason = _winner(list(full), correct, decision if charged else None)
     evidence = [AutoCandidate(m, float(correct[m].mean()), float(cost[m].mean()),
                               decision[m] if full[m].overhead is not None else math.nan,
                               "chosen" if m == chosen else "candidate").to_dict()
