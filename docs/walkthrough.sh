@@ -25,10 +25,10 @@ run $EENET -q cache --model $MODEL --data fashion-mnist:test --out cache/test.h5
 run $EENET info cache/val.h5
 BUDGET=${BUDGET:-$(python3 -c 'import json, sys; c = json.load(sys.stdin)["costs"]; print(f"{0.45 * c[-1]:.3g}")' \
     < <($EENET info --json cache/val.h5))}
-run $EENET fit cache/val.h5 --method eenet --budget "$BUDGET" --out eenet.pt
-run $EENET evaluate eenet.pt cache/test.h5
-run $EENET -q sweep cache/val.h5 cache/test.h5 --methods eenet,maxprob,static,oracle \
+run $EENET fit cache/val.h5 --method auto --budget "$BUDGET" --out policy.pt
+run $EENET evaluate policy.pt cache/test.h5
+run $EENET -q sweep cache/val.h5 cache/test.h5 --methods auto,eenet,maxprob,static,oracle \
     --n-budgets 6 --out sweep.csv --plot sweep.png
-run $EENET -q run eenet.pt --model $MODEL --data fashion-mnist:test --limit 5 --out preds.csv
+run $EENET -q run policy.pt --model $MODEL --data fashion-mnist:test --limit 5 --out preds.csv
 run cat preds.csv
-run $EENET -q bench eenet.pt --model $MODEL --data fashion-mnist:test --limit 2000
+run $EENET -q bench policy.pt --model $MODEL --data fashion-mnist:test --limit 2000
