@@ -20,6 +20,7 @@ from eenet.rules.distributions import (fit_quota, geometric_fractions, quota_thr
 from eenet.rules.guard import refit_margin, selection_margins
 from eenet.rules.patience import patience_rule
 from eenet.rules.search import SearchFamily
+from eenet.rules.select import SELECT_REPEATS, ambiguous, choose, fold_splits
 from eenet.rules.static import static_rule
 from eenet.rules.thresholds import Thresholds, apply_thresholds, mix_draws
 from eenet.scores import MaxProbScorer, score_cache
@@ -671,7 +672,7 @@ class TestCalibrator:
         # the choice: the first candidate within tie_z paired standard errors of the leader
         within = [m for m in ("geometric", "search")
                   if d["behind_leader"][m] <= d["tie_z"] * d["behind_leader_se"][m] + 1e-12]
-        assert chosen == within[0] and 1 <= d["repeats"] <= 2 and d["folds"] == 2
+        assert chosen == within[0] and 1 <= d["repeats"] <= SELECT_REPEATS and d["folds"] == 2
         np.testing.assert_allclose(d["behind_leader"][chosen],
                                    held_out[d["leader"]] - held_out[chosen], atol=1e-12)
         alone = Calibrator(s, c, CHEAP_SECOND, mode=chosen, guard=guard, n_boot=5,
@@ -696,6 +697,37 @@ class TestCalibrator:
             Calibrator(s, c, costs, mode="select", select_from=("geometric", "select"))
         with pytest.raises(EenetError, match="tie_z"):
             Calibrator(s, c, costs, mode="select", tie_z=-1.0)
+
+
+class TestSelectionPieces:
+    def test_folds_cover_every_sample_once(self):
+        for repeat in (0, 1):
+            splits = fold_splits(11, 3, repeat, seed=4)
+            held = np.concatenate([h for _, h in splits])
+            np.testing.assert_array_equal(np.sort(held), np.arange(11))
+            for fit, h in splits:
+                assert np.intersect1d(fit, h).size == 0 and fit.size + h.size == 11
+        assert not np.array_equal(fold_splits(11, 3, 0, 4)[0][1], fold_splits(11, 3, 1, 4)[0][1])
+
+    def test_choose_against_a_plain_computation(self):
+        rng = np.random.default_rng(0)
+        right = {"geometric": (rng.random(500) < 0.70).astype(float),
+                 "search": (rng.random(500) < 0.76).astype(float)}
+        chosen, record = choose(right, ["geometric", "search"], tie_z=1.0)
+        diff = right["search"] - right["geometric"]
+        se = diff.std(ddof=1) / np.sqrt(diff.size)
+        assert record["leader"] == "search"
+        np.testing.assert_allclose(record["behind_leader_se"]["geometric"], se, rtol=1e-12)
+        assert chosen == ("geometric" if diff.mean() <= se else "search")
+        assert choose(right, ["geometric", "search"], tie_z=1e9)[0] == "geometric"
+        assert choose(right, ["geometric", "search"], tie_z=0.0)[0] == "search"
+
+    def test_ambiguous_near_the_tie_boundary_only(self):
+        rec = {"tie_z": 1.0, "behind_leader": {"a": 0.0, "b": 0.015},
+               "behind_leader_se": {"a": 0.0, "b": 0.01}}
+        assert ambiguous(rec)  # 1.5 se behind: within one se of the boundary at 1 se
+        rec["behind_leader"]["b"] = 0.05  # 5 se behind: clearly not a tie
+        assert not ambiguous(rec)
 
 
 class TestSelectChoosesTheBetterCalibration:
