@@ -79,6 +79,7 @@ class BagOfWords(nn.Module):
     def __init__(self, n_buckets: int, n_classes: int) -> None:
         super().__init__()
         self.weight = nn.EmbeddingBag(n_buckets, n_classes, mode="sum")
+        nn.init.zeros_(self.weight.weight)  # a linear layer starts near 0, not at N(0, 1)
         self.bias = nn.Parameter(torch.zeros(n_classes))
 
     def forward(self, docs: list[torch.Tensor]) -> torch.Tensor:

@@ -285,6 +285,24 @@ def test_served_equals_simulated(net, token_data, method):
             out, policy, test.subset(np.arange(n)))
 
 
+def test_quickstart_on_fake_files(tmp_path):
+    """``eenet quickstart --example wordnet``: both caches, the sweep, CSV, PNG and table."""
+    folder = write_fake_wordnet(tmp_path / "wordnet", copies=40)
+    result = CliRunner().invoke(cli_main, [
+        "-q", "quickstart", "--example", "wordnet", "--data-dir", str(folder),
+        "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results"),
+        "--n-budgets", "2", "--methods", "maxprob,static", "--seeds", "1",
+        "--overhead", "off"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cache" / "wordnet_val.h5").is_file()
+    val, test = (read_cache(tmp_path / "cache" / f"wordnet_{s}.h5") for s in ("val", "test"))
+    assert (val.n_samples, test.n_samples, val.n_classes) == (36, 36, wn.N_CLASSES)
+    assert np.array_equal(val.costs, test.costs)
+    for ext in ("csv", "png", "txt"):
+        assert (tmp_path / "results" / f"quickstart_wordnet.{ext}").is_file()
+    assert "maxprob" in result.output and "static" in result.output
+
+
 # ---------------------------------------------------------------------------
 # the real WordNet (wordnet-base)
 # ---------------------------------------------------------------------------
