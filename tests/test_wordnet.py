@@ -246,7 +246,7 @@ class TestTransformer:
 # ---------------------------------------------------------------------------
 COSTS = np.array([0.10, 0.18, 0.26, 0.34, 0.42, 0.50])  # ms, roughly equal layers
 BUDGET = 0.26
-METHODS = ["eenet", "maxprob", "entropy", "patience"]
+METHODS = ["eenet", "maxprob", "patience"]
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +279,7 @@ def test_served_equals_simulated(net, token_data, method):
     # samples of different lengths leave at different layers
     assert len({int(k) for k in exits[lengths < 10]} | {int(k) for k in exits[lengths > 30]}) > 1
     for batch_size in (1, 7, 64):
-        n = 96 if batch_size == 1 else len(x)
+        n = 48 if batch_size == 1 else len(x)
         out = serve(EarlyExitModel(net, policy), x[:n], batch_size)
         SEEN["wordnet-transformer", method, batch_size] = compare(
             out, policy, test.subset(np.arange(n)))
@@ -323,18 +323,18 @@ class TestRealWordNet:
         on real test samples with padding masks of every length: exits as simulated."""
         val_h5, test_h5 = tmp_path / "val.h5", tmp_path / "test.h5"
         cache_model("eenet.examples.models:wordnet_transformer", "wordnet:val", val_h5,
-                    limit=1500, costs="flops", verbose=False)
+                    limit=1000, costs="flops", verbose=False)
         cache_model("eenet.examples.models:wordnet_transformer", "wordnet:test", test_h5,
-                    limit=300, costs_from=val_h5, verbose=False)
+                    limit=200, costs_from=val_h5, verbose=False)
         val, test = read_cache(val_h5), read_cache(test_h5)
         assert val.n_classes == wn.N_CLASSES and val.n_exits == WORDNET_ARCH["n_layers"]
         assert np.array_equal(test.costs, val.costs)
-        x = wn.load_wordnet("test").tensors[0][:300]
+        x = wn.load_wordnet("test").tensors[0][:200]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             policy = fit_policy("maxprob", val, float(val.costs[1] + val.costs[2]) / 2)
         for batch_size in (1, 64):
-            n = 60 if batch_size == 1 else len(x)
+            n = 40 if batch_size == 1 else len(x)
             out = serve(EarlyExitModel(net, policy), x[:n], batch_size)
             compare(out, policy, test.subset(np.arange(n)))
         accs = (val.predictions() == val.labels[:, None]).mean(0)
