@@ -114,13 +114,18 @@ def _check_sweep_options(ctx: click.Context, test: Path | None, holdout: float |
                                f"--epsilons E1,E2,...")
 
 
-@main.command(epilog="Example: eenet quickstart --results-dir results")
+@main.command(epilog="Example: eenet quickstart --example wordnet --results-dir results")
+@click.option("--example", type=click.Choice(["fashion-mnist", "wordnet"]),
+              default="fashion-mnist", show_default=True,
+              help="The bundled network: the 4-exit CNN on Fashion-MNIST, or the 6-exit "
+                   "transformer on WordNet supersenses.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               default=DEFAULT_CACHE_DIR, show_default=True)
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("results"), show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder of the Fashion-MNIST idx files.")
+              help="Folder of the example's data files (Fashion-MNIST idx files, or "
+                   "WordNet's data.noun, data.verb, data.adj, data.adv).")
 @click.option("--n-budgets", type=click.IntRange(2), default=10, show_default=True)
 @click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True)
 @click.option("--seeds", type=click.IntRange(1), default=3, show_default=True,
@@ -130,14 +135,15 @@ def _check_sweep_options(ctx: click.Context, test: Path | None, holdout: float |
 @click.option("--force", is_flag=True, help="Rebuild the caches even if present.")
 @click.pass_context
 @handle_errors
-def quickstart(ctx: click.Context, cache_dir: Path, results_dir: Path, data_dir: Path | None,
-               n_budgets: int, methods: str, seeds: int, overhead: str, force: bool) -> None:
-    """The whole pipeline on the bundled Fashion-MNIST example, in a few minutes."""
+def quickstart(ctx: click.Context, example: str, cache_dir: Path, results_dir: Path,
+               data_dir: Path | None, n_budgets: int, methods: str, seeds: int, overhead: str,
+               force: bool) -> None:
+    """The whole pipeline on a bundled example (Fashion-MNIST or WordNet), in a few minutes."""
     from eenet.examples.quickstart import run_quickstart
 
-    summary = run_quickstart(cache_dir=cache_dir, results_dir=results_dir, data_dir=data_dir,
-                             n_budgets=n_budgets, methods=parse_names(methods), seeds=seeds,
-                             overhead=overhead, force=force, seed=ctx.obj["seed"],
-                             device=ctx.obj["device"],
+    summary = run_quickstart(example=example, cache_dir=cache_dir, results_dir=results_dir,
+                             data_dir=data_dir, n_budgets=n_budgets,
+                             methods=parse_names(methods), seeds=seeds, overhead=overhead,
+                             force=force, seed=ctx.obj["seed"], device=ctx.obj["device"],
                              verbose=ctx.obj["progress"], echo=click.echo)
     click.echo(summary)

@@ -13,7 +13,10 @@ Factories for ``eenet cache --model``:
   (``fashion_mnist_cnn4.pt``);
 - :func:`fashion_mnist_cnn6`: 6 thinner stages, ``fashion_mnist_cnn6.pt``.
 
-Both are trained by ``python -m eenet.examples.train``.
+Both are trained by ``python -m eenet.examples.train``. The text example,
+:func:`wordnet_transformer` (a 6-layer multi-exit transformer on WordNet
+supersenses, :mod:`eenet.examples.transformer`), is trained by
+``python -m eenet.examples.train_wordnet``.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from eenet._validation import EenetError, first_line
+from eenet.examples.transformer import MultiExitTransformer
 
 # One stage: (output channels, number of 3x3 conv layers, 2x2 max-pool at the end,
 # side of the head's average-pooled grid). Heads pool to a small grid rather than
@@ -36,6 +40,11 @@ PLANS: dict[int, tuple[StagePlan, ...]] = {
         (64, 1, False, 3), (96, 1, True, 3)),
 }
 CHECKPOINTS = {4: "fashion_mnist_cnn4.pt", 6: "fashion_mnist_cnn6.pt"}
+WORDNET_CHECKPOINT = "wordnet_transformer.pt"
+#: the bundled WordNet transformer; sizes keep the float16 checkpoint under 4 MB
+WORDNET_ARCH: dict[str, int | float] = {
+    "n_classes": 45, "n_buckets": 16_384, "max_len": 40, "n_layers": 6, "d_model": 64,
+    "n_heads": 4, "d_ff": 256, "dropout": 0.1}
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -115,7 +124,8 @@ class MultiExitCNN(nn.Module):
         return outs
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+def load_checkpoint(model: nn.Module, path: str | Path,
+                    train_command: str = "eenet.examples.train") -> nn.Module:
     """Load a state dict saved by ``eenet.examples.train`` into ``model``.
 
     Half-precision tensors in the file are cast to the model's dtypes.
@@ -126,12 +136,12 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise EenetError(f"checkpoint {path} not found; train it with `python -m "
-                         f"eenet.examples.train --out {path}`")
+                         f"{train_command} --out {path}`")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for damaged files
         raise EenetError(f"checkpoint {path} cannot be read ({first_line(err)}); "
-                         f"retrain it with `python -m eenet.examples.train`") from None
+                         f"retrain it with `python -m {train_command}`") from None
     own = model.state_dict()
     state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
     try:
@@ -156,3 +166,14 @@ def fashion_mnist_cnn4() -> MultiExitCNN:
 def fashion_mnist_cnn6() -> MultiExitCNN:
     """The 6-exit example network with its trained weights (``fashion_mnist_cnn6.pt``)."""
     return _pretrained(6)
+
+
+def wordnet_transformer() -> MultiExitTransformer:
+    """The 6-exit WordNet-supersense transformer with its trained weights.
+
+    Reads token ids ``[batch, 40]`` from ``--data wordnet:SPLIT``
+    (:mod:`eenet.examples.wordnet`); 45 classes.
+    """
+    model = MultiExitTransformer(**WORDNET_ARCH)  # type: ignore[arg-type]
+    load_checkpoint(model, PACKAGE_DIR / WORDNET_CHECKPOINT, "eenet.examples.train_wordnet")
+    return model.eval()
