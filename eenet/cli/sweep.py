@@ -10,6 +10,7 @@ from eenet.cli import (DEFAULT_CACHE_DIR, check_output, given, handle_errors, ma
 from eenet.cli.policy import CALIBRATION_CHOICE, OVERHEAD_HELP, read_split
 from eenet.rules.certified import RISK_RANGES
 from eenet.rules.certify import RISK_BOUNDS
+from eenet.examples.quickstart import QUICKSTART_METHODS
 from eenet.sweep import DEFAULT_METHODS
 
 
@@ -127,7 +128,7 @@ def _check_sweep_options(ctx: click.Context, test: Path | None, holdout: float |
               help="Folder of the example's data files (Fashion-MNIST idx files, or "
                    "WordNet's data.noun, data.verb, data.adj, data.adv).")
 @click.option("--n-budgets", type=click.IntRange(2), default=10, show_default=True)
-@click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True)
+@click.option("--methods", default=",".join(QUICKSTART_METHODS), show_default=True)
 @click.option("--seeds", type=click.IntRange(1), default=3, show_default=True,
               help="Seeds per fit; the table marks ties within the seed-to-seed spread.")
 @click.option("--overhead", type=click.Choice(["auto", "on", "model", "off"]), default="auto",

@@ -19,7 +19,10 @@ from eenet._validation import CacheError, check_choice
 from eenet.cache import ExitCache, read_cache
 from eenet.report import format_summary, plot_sweep
 from eenet.runtime.overhead import choose_overhead
-from eenet.sweep import DEFAULT_METHODS, run_sweep
+from eenet.sweep import AUTO, DEFAULT_METHODS, run_sweep
+
+#: The quick start's columns: every method, and what ``--method auto`` picks at each budget.
+QUICKSTART_METHODS = [*DEFAULT_METHODS, AUTO]
 
 __all__ = ["EXAMPLES", "QUICKSTART_MODEL", "Example", "run_quickstart"]
 
@@ -108,7 +111,8 @@ def run_quickstart(*, example: str = "fashion-mnist", cache_dir: Path = Path("ca
               echo=echo)
     val = _cached_split(chosen, "val", cache_dir, **kw)
     test = _cached_split(chosen, "test", cache_dir, like=Path(val.path), **kw)
-    echo(f"sweeping {n_budgets} budgets x {len(methods or DEFAULT_METHODS)} methods x {seeds} "
+    methods = list(methods or QUICKSTART_METHODS)
+    echo(f"sweeping {n_budgets} budgets x {len(methods)} methods x {seeds} "
          f"seeds (fit on val, evaluate on test) ...")
     table = run_sweep(val, test, n_budgets=n_budgets, methods=methods,
                       seeds=[seed + i for i in range(seeds)],
