@@ -355,10 +355,10 @@ class TestOverhead:
 
 def test_paper_recipe_preset(example, fitted, tmp_path):
     _, test = example
-    policy = fitted["eenet-paper"]
-    # held-out folds choose between the paper's quotas and the other rules, the paper's first
-    assert policy.calibration == "select" and policy.method.select_from[0] == "assignment"
-    assert policy.rule.diagnostics["selected"] in policy.method.select_from
+    policy = fitted["eenet-paper"]  # by default its quotas compete with geometric and search
+    assert policy.calibration == "select" and policy.rule.mode == "select"
+    assert set(policy.rule.diagnostics["held_out_accuracy"]) == {"assignment", "geometric",
+                                                                 "search"}
     cfg = policy.scorer.config
     assert (cfg.target, cfg.features, cfg.alternate) == ("correct", "paper", True)
     again = ExitPolicy.load(policy.save(tmp_path / "paper.pt"))

@@ -159,6 +159,10 @@ def cache_by_running(model: nn.Module, x: torch.Tensor, costs: np.ndarray, seed:
 
 def fit_policy(method: str, cache: ExitCache, budget: float, **kw: Any) -> ExitPolicy:
     hp = FAST_EENET if method.startswith("eenet") else {}
+    # each method's published rule, which gives every exit a share, so the runtime's
+    # bookkeeping at every exit is exercised (the default, select, may close an exit)
+    published = {"patience": "patience", "eenet-paper": "assignment", "static": "static"}
+    kw.setdefault("calibration", published.get(method, "geometric"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # guard/tilt notes on small random caches
         return ExitPolicy(method, **{**hp, **kw}).fit(cache, budget)
@@ -665,7 +669,8 @@ class TestPolicyOverhead:
         policy = fit_policy("maxprob", joules, CNN_BUDGET)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            charged = ExitPolicy("maxprob").fit(joules, CNN_BUDGET, overhead=policy_overhead)
+            charged = ExitPolicy("maxprob", calibration=policy.calibration).fit(
+                joules, CNN_BUDGET, overhead=policy_overhead)
         assert charged.overhead is None
         np.testing.assert_array_equal(charged.rule.values, policy.rule.values)
 

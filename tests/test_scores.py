@@ -240,10 +240,12 @@ class TestMethodTable:
             assert set(method.calibrations) <= set(CALIBRATIONS)
             assert method.default_calibration == (method.calibrations[0]
                                                   if method.calibrations else None)
-        # the published recipes keep their published rules
-        # (eenet-paper's default lets held-out folds choose, the paper's quotas first)
+        # the published recipes select with their published rules first (ties go to them)
         assert METHODS["eenet-paper"].select_from[0] == "assignment"
         assert METHODS["patience"].select_from[0] == "patience"
+        for method in METHODS.values():
+            if "select" in method.calibrations:
+                assert set(method.select_from) <= set(method.calibrations) - {"select"}
         assert METHODS["static"].calibrations == ("static",)
 
     @pytest.mark.parametrize("name, cls", [("maxprob", MaxProbScorer),

@@ -49,8 +49,8 @@ from eenet.rules.select import (SELECT_FOLDS, SELECT_REPEATS, TIE_Z, ambiguous, 
 from eenet.rules.static import static_rule
 from eenet.rules.thresholds import Thresholds, apply_thresholds, mix_draws
 
-__all__ = ["CALIBRATIONS", "SELECT_FROM", "Calibrator", "Thresholds", "apply_thresholds", "calibrate",
-           "mix_draws"]
+__all__ = ["CALIBRATIONS", "SELECT_FROM", "Calibrator", "Thresholds", "apply_thresholds",
+           "calibrate", "mix_draws"]
 
 CalibrationMode = Literal["search", "assignment", "geometric", "patience", "static", "select"]
 
