@@ -114,14 +114,19 @@ def main() -> None:
     add_cache_options(parser)
     args = parser.parse_args()
     started = time.perf_counter()
-    tables = [t for t in (run_network(n.strip(), args) for n in args.networks.split(","))
-              if t is not None]
-    rows = pd.concat(tables, ignore_index=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    rows.to_csv(args.out, index=False)
-    text = report(check_table(rows), time.perf_counter() - started, args)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    tables = []
+    for name in args.networks.split(","):
+        table = run_network(name.strip(), args)
+        if table is None:
+            continue
+        tables.append(table)
+        # written after every network, so a long run reports what it has finished
+        rows = pd.concat(tables, ignore_index=True)
+        rows.to_csv(args.out, index=False)
+        text = report(check_table(rows), time.perf_counter() - started, args)
+        args.out.with_suffix(".md").write_text(text)
+    print(text if tables else "no network available")
 
 
 if __name__ == "__main__":

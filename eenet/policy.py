@@ -157,11 +157,7 @@ class ExitPolicy:
             budget = check_budget(budget, cache.costs, unit=cache.cost_unit)
         elif guarantee is None or guarantee.confidence is not None:
             raise EenetError("fit needs a budget (or a risk guarantee alone)")
-        self.reference = {"n_exits": cache.n_exits, "n_classes": cache.n_classes,
-                          "cost_unit": cache.cost_unit, "model": cache.model,
-                          "dataset": cache.dataset, "costs": cache.costs.tolist(),
-                          "cost_source": cache.cost_source,
-                          "network_sha256": network_of(cache)}
+        self.reference = network_reference(cache)
         fit_part, certify = cache, None
         if guarantee is not None:
             fit_part, certify = cache.holdout_split(certify_fraction, seed=self.seed)
@@ -446,6 +442,14 @@ class ExitPolicy:
                              f"({torch_load_problem(err, path)}); it is corrupt or not made by "
                              f"`eenet fit`") from None
         return cls.from_state(state, source=str(path))
+
+
+def network_reference(cache: ExitCache) -> dict[str, Any]:
+    """What a policy records of the network it is fitted on: shape, costs, fingerprint."""
+    return {"n_exits": cache.n_exits, "n_classes": cache.n_classes,
+            "cost_unit": cache.cost_unit, "model": cache.model, "dataset": cache.dataset,
+            "costs": cache.costs.tolist(), "cost_source": cache.cost_source,
+            "network_sha256": network_of(cache)}
 
 
 def network_of(cache: ExitCache) -> str:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from eenet._validation import EenetError, check_budget, check_choice
 from eenet.cache import ExitCache
 from eenet.evaluate import EvalResult, evaluate_exits, evaluate_oracle
-from eenet.policy import ExitPolicy
+from eenet.policy import ExitPolicy, network_reference
 from eenet.rules.certified import Guarantee
 from eenet.scores import METHODS, get_method, score_cache
 
@@ -216,6 +216,7 @@ def _measure_overhead(val: ExitCache, spec: MethodSpec, budget: float,
     quick = {"epochs": 1} if METHODS[spec.name].learned else {}
     policy = ExitPolicy(spec.name, calibration=spec.calibration, **quick)
     policy.scorer.fit(val, val.costs, budget)
+    policy.reference = network_reference(val)  # what a runtime reads of a fitted policy
     measured = measure(policy, val)
     return None if measured is None else np.asarray(measured, dtype=np.float64)
 

@@ -716,6 +716,20 @@ class TestChooseOverhead:
             assert over.shape == (3,) and np.all(np.isfinite(over))
             assert np.all(over >= 0) and np.all(np.diff(over) >= 0)
 
+    def test_a_sweep_charges_what_it_timed_inside_the_network(self):
+        """A sweep times each method before fitting it (a scorer, no rule yet) inside the
+        recorded network, and charges that cost at every budget."""
+        from eenet.sweep import run_sweep
+
+        cache = self.toy_cache(model="_toy_models:staged", dataset="_toy_models:toy_data")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the toy's drift against its made-up costs
+            measure = choose_overhead("model", cache)
+            table = run_sweep(cache, cache, budgets=[0.35], methods=["maxprob", "eenet"],
+                              hparams=FAST_EENET, overhead=measure, jobs=1, verbose=False)
+        served = table[table["method"].isin(["maxprob", "eenet"])]
+        assert len(served) == 2 and served["avg_cost"].notna().all()
+
 
 # ---------------------------------------------------------------------------
 # the network's costs now against the cache's
