@@ -223,9 +223,10 @@ def _measure_overhead(val: ExitCache, spec: MethodSpec, budget: float,
 
 def _auto_tasks(val: ExitCache, budgets: np.ndarray, seeds: Sequence[int],
                 hparams: dict[str, Any] | None, device: str,
-                overhead: Callable[[ExitPolicy, ExitCache], Any] | None, risk_sweep: bool
+                overhead: Callable[[str], np.ndarray | None] | None, risk_sweep: bool
                 ) -> list[tuple]:
-    """One ``auto`` task per (budget, seed), every candidate's own cost measured once."""
+    """One ``auto`` task per (budget, seed); ``overhead(name)`` is a candidate's own cost,
+    measured once for the sweep."""
     from eenet.auto import AUTO_METHODS
 
     if risk_sweep:
@@ -233,8 +234,7 @@ def _auto_tasks(val: ExitCache, budgets: np.ndarray, seeds: Sequence[int],
                          "leave it out of a risk sweep (--epsilons)")
     own = None
     if overhead is not None:
-        own = {m: _measure_overhead(val, MethodSpec(m, None, m), float(budgets[0]), overhead)
-               for m in AUTO_METHODS}
+        own = {m: overhead(m) for m in AUTO_METHODS}
     hp = {**(hparams or {}), "device": device}
     return [(AUTO, MethodSpec(AUTO, None, AUTO), np.array([b]), int(seed), hp, own)
             for seed in seeds for b in budgets]
@@ -332,14 +332,25 @@ def run_sweep(val: ExitCache, test: ExitCache, *, budgets: Sequence[float] | Non
     budgets = default_budgets(val, n_budgets) if budgets is None else np.unique(np.asarray(
         [check_budget(b, val.costs, unit=val.cost_unit) for b in budgets], dtype=float))
     tasks: list[tuple] = []
+    measured: dict[str, np.ndarray | None] = {}
+
+    def own_cost(name: str) -> np.ndarray | None:
+        """A method's own cost, timed once per sweep: auto's candidates pay what the
+        method's own column pays."""
+        if name not in measured:
+            measured[name] = _measure_overhead(val, MethodSpec(name, None, name),
+                                               float(budgets[0]), overhead)
+        return measured[name]
+
     for spec in specs:
         if spec.name == AUTO:
-            tasks += _auto_tasks(val, budgets, seeds, hparams, device, overhead,
+            tasks += _auto_tasks(val, budgets, seeds, hparams, device,
+                                 None if overhead is None else own_cost,
                                  risk is not None and bool(epsilons))
             continue
         own = None
         if overhead is not None and spec.name != "oracle":
-            own = _measure_overhead(val, spec, float(budgets[0]), overhead)
+            own = own_cost(spec.name)
         learned_hp = {**(hparams or {}), "device": device} if METHODS[spec.name].learned \
             else {}
         for seed in seeds:
