@@ -68,7 +68,7 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarr
 
     Example:
         >>> [f.tolist() for f in stratified_folds(np.array([0, 0, 1, 1]), 2, seed=0)]
-        [[0, 3], [1, 2]]
+        [[1, 2], [0, 3]]
     """
     labels = np.asarray(labels)
     if folds < 2 or folds > labels.size:
