@@ -120,7 +120,8 @@ def test_cache_features_are_the_heads_last_linear_input(tmp_path, feature_dim):
     for k, x in enumerate(inputs):
         proj = c.feature_projections[k]
         if x.shape[1] > feature_dim:  # projected, by the stored and reproducible matrix
-            np.testing.assert_array_equal(proj, random_projection(x.shape[1], feature_dim, 5, k))
+            want = random_projection(x.shape[1], feature_dim, 5, k)
+            np.testing.assert_array_equal(proj, want)
             x = x @ proj
         else:
             assert proj is None

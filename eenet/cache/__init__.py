@@ -86,5 +86,6 @@ from eenet.cache.writer import CacheWriter, check_output_path, merge_shards, wri
 
 __all__ = ["CacheCosts", "CacheWriter", "ChunkBuffer", "ExitCache", "FORMAT_NAME",
            "FORMAT_VERSION", "LogitsKind", "SHARD_FORMAT", "check_output_path",
-           "chunk_rows_for", "encode_chunk", "iter_encoded_chunks", "merge_shards", "random_projection",
-           "read_cache", "read_costs", "stratified_split", "summarize_cache", "write_cache"]
+           "chunk_rows_for", "encode_chunk", "iter_encoded_chunks", "merge_shards",
+           "random_projection", "read_cache", "read_costs", "stratified_split",
+           "summarize_cache", "write_cache"]

@@ -250,9 +250,10 @@ class CacheWriter:
             f.create_dataset(name, shape=(0,), dtype=np.int64, maxshape=(None,),
                              chunks=(label_chunk,))
         for k, d in enumerate(self.feature_dims or ()):
-            # float16 hidden features compress poorly; stored plainly, ~1 MiB per chunk
+            # float16 hidden features compress poorly: stored plainly, in chunks of about
+            # 128 KiB, so the padding of the last chunk stays small
             f.create_dataset(f"features_{k}", shape=(0, d), dtype=np.float16,
-                             maxshape=(None, d), chunks=(max(1, min(r, (1 << 19) // d)), d))
+                             maxshape=(None, d), chunks=(max(1, min(r, (1 << 16) // d)), d))
 
     def _close_h5(self) -> None:
         f, self._file = self._file, None
