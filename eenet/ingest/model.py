@@ -38,9 +38,9 @@ from tqdm.auto import tqdm
 from eenet._validation import EenetError, check_int, first_line, resolve_device, seeded
 from eenet.cache import check_output_path, chunk_rows_for
 from eenet.ingest.data import check_item, dataset_split, load_dataset
-from eenet.ingest.features import FeatureCapture
 from eenet.ingest.distributed import (distributed_context, process_group,
                                       remove_stale_shards, step)
+from eenet.ingest.features import FeatureCapture
 from eenet.ingest.forward import (exit_logits, forward, make_loader, select_rows,
                                   stream_batches, to_device)
 from eenet.ingest.pipeline import (CacheJob, CacheOptions, options_from, run_distributed,

@@ -368,7 +368,6 @@ def run_distributed(job: CacheJob, out: Path, ctx: DistContext) -> None:
         raise EenetError("distributed caching needs a map-style dataset (with __len__ and "
                          "__getitem__); an iterable dataset cannot be split between ranks, "
                          "so run it in one process")
-
     if job.opts.resume:
         run = PartialRun(out)
         costs = step(ctx, lambda: _partial_costs(job, run), "settling the costs", ranks=[0])
