@@ -20,7 +20,7 @@ fitted on validation and evaluated on test; EENet and max-probability also
 under each single calibration (the same trained scorer recalibrated), the
 oracle, and the in-sample ceiling (EENet fitted *and* calibrated on test).
 Writes a tidy CSV and a Markdown report (``--out`` with ``.md``): the
-defaults' worst network, budget adherence per cell, and the issue's headline
+defaults' worst network, budget adherence per cell, and the headline
 checks.
 
 Usage:

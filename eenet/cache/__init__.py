@@ -7,6 +7,8 @@ imports h5py, and the layout below is defined here, for all its modules:
 - :mod:`~eenet.cache.layout`: the format names and version; rows per chunk.
 - :mod:`~eenet.cache.exit_cache`: :class:`ExitCache`, the cache in memory,
   and :func:`stratified_split`.
+- :mod:`~eenet.cache.features`: the optional per-exit features' checks and
+  :func:`random_projection`.
 - :mod:`~eenet.cache.chunks`: :func:`encode_chunk` and :class:`ChunkBuffer`,
   whole chunks compressed outside HDF5.
 - :mod:`~eenet.cache.writer`: :class:`CacheWriter`, :func:`write_cache`,
@@ -28,12 +30,25 @@ File layout (``format = "eenet-exit-cache"``, ``format_version = 1``)::
     /<name>        float64 [n_exits], every other cost vector computed, named
                    in the root attribute ``cost_vectors`` (for example
                    ``latency_ms_batch1``, ``latency_ms_batchB``, ``flops``)
+    /features_<k>  float16 [n_samples, d_k], one per exit k (optional, all or
+                   none; ``eenet cache --features`` or ``eenet import`` with
+                   ``features_k``): the input of exit k's last linear layer,
+                   the pooled representation its classifier reads. Where that
+                   input (d_in_k wide) is wider than ``--feature-dim`` d, it is
+                   stored projected, ``x @ P_k`` with d_k = d.
+    /feature_projection_<k>
+                   float32 [d_in_k, d_k], the projection P_k of exit k, present
+                   only where exit k's features were projected:
+                   :func:`random_projection` (standard normals / sqrt(d_k),
+                   NumPy's PCG64 seeded with ``[seed, k]``), so serving can
+                   apply the same matrix to the head's input.
 
 Root attributes: ``format``, ``format_version``, ``eenet_version``,
 ``model``, ``dataset``, ``split``, ``cost_unit``, ``cost_source``
 (``measured`` / ``flops`` / ``given``), ``device``, ``created`` (ISO 8601),
 ``exit_names`` (a JSON list), ``cost_vectors`` (a JSON list), ``logits_kind``,
-``seed``, ``chunk_rows``, and any extra string or number attributes the writer
+``seed``, ``chunk_rows``, ``feature_dims`` (a JSON list of the d_k, only with
+features), and any extra string or number attributes the writer
 was given (``costs_from`` when the costs were copied from another cache;
 ``world_size`` and ``cost_rank`` when several processes made it).
 
@@ -63,6 +78,7 @@ from __future__ import annotations
 
 from eenet.cache.chunks import ChunkBuffer, encode_chunk
 from eenet.cache.exit_cache import ExitCache, stratified_split
+from eenet.cache.features import random_projection
 from eenet.cache.layout import FORMAT_NAME, FORMAT_VERSION, SHARD_FORMAT, LogitsKind, chunk_rows_for
 from eenet.cache.reader import (CacheCosts, iter_encoded_chunks, read_cache, read_costs,
                                 summarize_cache)
@@ -70,5 +86,6 @@ from eenet.cache.writer import CacheWriter, check_output_path, merge_shards, wri
 
 __all__ = ["CacheCosts", "CacheWriter", "ChunkBuffer", "ExitCache", "FORMAT_NAME",
            "FORMAT_VERSION", "LogitsKind", "SHARD_FORMAT", "check_output_path",
-           "chunk_rows_for", "encode_chunk", "iter_encoded_chunks", "merge_shards", "read_cache",
-           "read_costs", "stratified_split", "summarize_cache", "write_cache"]
+           "chunk_rows_for", "encode_chunk", "iter_encoded_chunks", "merge_shards",
+           "random_projection", "read_cache", "read_costs", "stratified_split",
+           "summarize_cache", "write_cache"]

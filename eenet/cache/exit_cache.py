@@ -13,6 +13,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from eenet._validation import EenetError, check_costs, check_labels, check_number
+from eenet.cache.features import check_features, feature_shapes
 from eenet.cache.layout import READ_ROWS_BYTES, LogitsKind, rows_per_block
 
 __all__ = ["ExitCache", "cache_summary", "scan_finite", "stratified_split"]
@@ -82,6 +83,8 @@ def cache_summary(meta: Mapping[str, Any], correct: np.ndarray) -> dict[str, Any
         "logits_dtype": str(meta["logits_dtype"]), "logits_kind": meta["logits_kind"],
         "device": meta["attrs"].get("device", ""), "created": meta["attrs"].get("created", ""),
         "eenet_version": meta["attrs"].get("eenet_version", ""),
+        "features": meta.get("features"),
+        "feature_projected": meta.get("feature_projected"),
     }
 
 
@@ -103,6 +106,12 @@ class ExitCache:
         sample_ids: optional [n_samples] int64 ids.
         attrs: other provenance (``device``, ``created``, ``seed``, ...).
         path: the file this cache was read from, if any.
+        features: optional per-exit hidden features, one float16
+            ``[n_samples, d_k]`` array per exit (the input of exit ``k``'s last
+            linear layer, projected when wide); ``None`` when not cached.
+        feature_projections: per exit, the float32 ``[d_in_k, d_k]`` matrix the
+            features were projected with, or ``None`` where they were stored
+            as they came; ``None`` without features.
 
     Example:
         >>> import numpy as np
@@ -126,6 +135,8 @@ class ExitCache:
     sample_ids: np.ndarray | None = None
     attrs: Mapping[str, Any] = field(default_factory=dict)
     path: str | None = None
+    features: tuple[np.ndarray, ...] | None = None
+    feature_projections: tuple[np.ndarray | None, ...] | None = None
     # arg-max and correctness, computed once: every fit, calibration and evaluation asks
     _memo: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
@@ -155,9 +166,11 @@ class ExitCache:
         ids = None if self.sample_ids is None else np.asarray(self.sample_ids, dtype=np.int64)
         if ids is not None and ids.shape != (n,):
             raise EenetError(f"{where}sample_ids must have shape ({n},), got {ids.shape}")
+        feats, projs = check_features(self.features, self.feature_projections, n, k, where)
         for name, value in (("logits", logits), ("labels", labels), ("costs", costs),
                             ("exit_names", names), ("extra_costs", extra),
-                            ("sample_ids", ids), ("attrs", dict(self.attrs))):
+                            ("sample_ids", ids), ("attrs", dict(self.attrs)),
+                            ("features", feats), ("feature_projections", projs)):
             object.__setattr__(self, name, value)
         scan_finite(logits, f"{where}logits")
 
@@ -213,7 +226,8 @@ class ExitCache:
         idx = np.asarray(indices)
         return dataclasses.replace(
             self, logits=self.logits[idx], labels=self.labels[idx],
-            sample_ids=None if self.sample_ids is None else self.sample_ids[idx])
+            sample_ids=None if self.sample_ids is None else self.sample_ids[idx],
+            features=None if self.features is None else tuple(f[idx] for f in self.features))
 
     def holdout_split(self, fraction: float, seed: int = 0) -> tuple["ExitCache", "ExitCache"]:
         """Split into (rest, held_out) with :func:`stratified_split`.
@@ -245,7 +259,10 @@ class ExitCache:
                 "exit_names": self.exit_names, "costs": self.costs,
                 "cost_unit": self.cost_unit, "cost_source": self.cost_source,
                 "extra_costs": self.extra_costs, "logits_dtype": self.logits.dtype,
-                "logits_kind": self.logits_kind, "attrs": self.attrs}
+                "logits_kind": self.logits_kind, "attrs": self.attrs,
+                "features": feature_shapes(self.features),
+                "feature_projected": None if self.features is None else
+                [p is not None for p in self.feature_projections or ()]}
         return cache_summary(meta, self.correct())
 
 

@@ -111,7 +111,7 @@ def _read_meta(f: h5py.File, path: Path) -> dict[str, Any]:
         raise CacheError(f"{path}: attribute 'exit_names' or 'cost_vectors' is not "
                          f"valid JSON; rebuild the file") from None
     known = {"format", "format_version", "cost_unit", "cost_source", "logits_kind",
-             "exit_names", "cost_vectors", "model", "dataset", "split"}
+             "exit_names", "cost_vectors", "model", "dataset", "split", "feature_dims"}
     return {
         "costs": _read_dataset(f, path, "costs"),
         "extra_costs": {name: _read_dataset(f, path, name) for name in vector_names},
@@ -121,6 +121,30 @@ def _read_meta(f: h5py.File, path: Path) -> dict[str, Any]:
         "logits_kind": str(_attr(f, path, "logits_kind", "logits")),
         **{k: str(_attr(f, path, k, "")) for k in ("model", "dataset", "split")},
     }
+
+
+def _read_features(f: h5py.File, path: Path, n_exits: int, data: bool = True
+                   ) -> dict[str, Any]:
+    """The optional ``features_k`` and ``feature_projection_k`` datasets.
+
+    With ``data`` the arrays (``features``, ``feature_projections``, as
+    :class:`ExitCache` takes them); without, only what ``eenet info`` shows
+    (``features``: shapes, ``feature_projected``: bools). Empty without features.
+    """
+    if "features_0" not in f:
+        return {}
+    feats, projs = [], []
+    for k in range(n_exits):
+        key, pkey = f"features_{k}", f"feature_projection_{k}"
+        if key not in f:
+            raise CacheError(f"{path}: dataset {key!r} is missing while 'features_0' is "
+                             f"there; the file is damaged, rebuild it")
+        feats.append(_read_dataset(f, path, key) if data else list(f[key].shape))
+        has = pkey in f
+        projs.append((_read_dataset(f, path, pkey) if has else None) if data else has)
+    if data:
+        return {"features": feats, "feature_projections": projs}
+    return {"features": feats, "feature_projected": projs}
 
 
 def read_cache(path: str | os.PathLike) -> ExitCache:
@@ -144,9 +168,10 @@ def read_cache(path: str | os.PathLike) -> ExitCache:
         labels = _read_dataset(f, path, "labels")
         ids = _read_dataset(f, path, "sample_ids") if "sample_ids" in f else None
         meta = _read_meta(f, path)
-    if logits.ndim != 3:
-        raise CacheError(f"{path}: dataset 'logits' has shape {logits.shape}, expected "
-                         f"[n_samples, n_exits, n_classes]; rebuild the file")
+        if logits.ndim != 3:
+            raise CacheError(f"{path}: dataset 'logits' has shape {logits.shape}, expected "
+                             f"[n_samples, n_exits, n_classes]; rebuild the file")
+        meta.update(_read_features(f, path, logits.shape[1]))
     try:
         return ExitCache(logits=logits, labels=labels, sample_ids=ids, path=str(path), **meta)
     except CacheError:
@@ -248,6 +273,7 @@ def summarize_cache(path: str | os.PathLike) -> dict[str, Any]:
                 raise CacheError(str(err)) from None
             correct[start:start + step] = block.argmax(axis=2) == \
                 labels[start:start + step, None]
+        meta.update(_read_features(f, path, k, data=False))
         meta.update(path=str(path), n_classes=c, logits_dtype=ds.dtype,
                     exit_names=meta["exit_names"] or tuple(f"exit{i}" for i in range(k)))
     return cache_summary(meta, correct)

@@ -22,6 +22,7 @@ from eenet._validation import (CacheError, EenetError, atomic_output, check_cost
                                first_line)
 from eenet.cache.chunks import ChunkBuffer
 from eenet.cache.exit_cache import ExitCache
+from eenet.cache.features import check_features
 from eenet.cache.layout import (FORMAT_NAME, FORMAT_VERSION, SHARD_FORMAT, LogitsKind,
                                 chunk_rows_for)
 from eenet.cache.reader import iter_encoded_chunks, open_checked
@@ -158,6 +159,12 @@ class CacheWriter:
             too small for it stops the run at once.
         shard: write a shard (no costs; merged by :func:`merge_shards`)
             straight to ``path`` instead of a finished cache.
+        feature_dims: store per-exit features, ``d_k`` columns for exit ``k``
+            (float16 datasets ``features_k``); every :meth:`write` then
+            passes them. ``None``: no features.
+        feature_projections: per exit, the ``[d_in_k, d_k]`` matrix the
+            features were projected with (stored as ``feature_projection_k``)
+            or ``None``.
 
     Example:
         >>> import numpy as np, tempfile, os
@@ -176,7 +183,9 @@ class CacheWriter:
                  split: str = "", exit_names: Sequence[str] | None = None,
                  attrs: Mapping[str, Any] | None = None, compression: str | None = "gzip",
                  with_sample_ids: bool = False, chunk_rows: int | None = None,
-                 expected_rows: int | None = None, shard: bool = False) -> None:
+                 expected_rows: int | None = None, shard: bool = False,
+                 feature_dims: Sequence[int] | None = None,
+                 feature_projections: Sequence[np.ndarray | None] | None = None) -> None:
         self.path = check_output_path(path)
         if dtype not in ("float32", "float16"):
             raise EenetError(f"unknown dtype {dtype!r}; choose one of: float16, float32")
@@ -198,6 +207,12 @@ class CacheWriter:
                                                            self.dtype.itemsize))
         self.expected_rows = expected_rows
         self.shard = shard
+        self.feature_dims = None if feature_dims is None else [int(d) for d in feature_dims]
+        if self.feature_dims is not None and len(self.feature_dims) != self.n_exits:
+            raise EenetError(f"feature_dims has {len(self.feature_dims)} sizes for "
+                             f"{self.n_exits} exits; give one per exit")
+        self.feature_projections = list(feature_projections or [None] * self.n_exits)
+        self.n_feature_rows = 0
         self.n_written = 0
         self._costs: dict[str, Any] | None = None
         self._file: h5py.File | None = None
@@ -234,6 +249,11 @@ class CacheWriter:
         for name in names:
             f.create_dataset(name, shape=(0,), dtype=np.int64, maxshape=(None,),
                              chunks=(label_chunk,))
+        for k, d in enumerate(self.feature_dims or ()):
+            # float16 hidden features compress poorly: stored plainly, in chunks of about
+            # 128 KiB, so the padding of the last chunk stays small
+            f.create_dataset(f"features_{k}", shape=(0, d), dtype=np.float16,
+                             maxshape=(None, d), chunks=(max(1, min(r, (1 << 16) // d)), d))
 
     def _close_h5(self) -> None:
         f, self._file = self._file, None
@@ -273,6 +293,9 @@ class CacheWriter:
                                  f"set_costs() before the block ends")
             for chunk in self._buffer.finish():
                 self._store(*chunk)
+            if self.feature_dims is not None and self.n_feature_rows != self.n_written:
+                raise EenetError(f"{self.path}: {self.n_feature_rows} rows of features for "
+                                 f"{self.n_written} samples; give features with every batch")
             self._h5(self._finish, "write the costs and attributes")
             f, self._file = self._file, None
             self._h5(f.close, "close the file")
@@ -282,15 +305,41 @@ class CacheWriter:
 
     # ---- rows ----------------------------------------------------------------
     def write(self, logits: np.ndarray, labels: np.ndarray,
-              sample_ids: np.ndarray | None = None) -> None:
+              sample_ids: np.ndarray | None = None,
+              features: Sequence[np.ndarray] | None = None) -> None:
         """Append a batch: ``logits`` [batch, n_exits, n_classes], ``labels`` [batch].
 
-        ``sample_ids`` [batch] default to the rows' positions.
+        ``sample_ids`` [batch] default to the rows' positions; ``features``
+        (one ``[batch, d_k]`` array per exit) are required when the writer
+        was made with ``feature_dims`` and refused otherwise.
         """
         if self._file is None:
             raise RuntimeError("CacheWriter.write() called outside its `with` block")
+        if (features is None) != (self.feature_dims is None):
+            raise EenetError(f"{self.path}: give features with every batch exactly when the "
+                             f"writer has feature_dims ({self.feature_dims})")
+        if features is not None:
+            self._write_features(features, np.asarray(labels).shape[0])
         for chunk in self._buffer.add(logits, labels, sample_ids):
             self._store(*chunk)
+
+    def _write_features(self, features: Sequence[np.ndarray], batch: int) -> None:
+        assert self.feature_dims is not None
+        half, _ = check_features(features, None, batch, self.n_exits, f"{self.path}: ")
+        for k, d in enumerate(self.feature_dims):
+            if half[k].shape[1] != d:
+                raise EenetError(f"{self.path}: features of exit {k} have {half[k].shape[1]} "
+                                 f"columns, expected {d}")
+        start, stop = self.n_feature_rows, self.n_feature_rows + batch
+
+        def put() -> None:
+            for k, rows in enumerate(half):
+                ds = self._file[f"features_{k}"]
+                ds.resize(stop, axis=0)
+                ds[start:stop] = rows
+
+        self._h5(put, "write the features")
+        self.n_feature_rows = stop
 
     def write_chunk(self, data: bytes, labels: np.ndarray, sample_ids: np.ndarray) -> None:
         """Append one compressed chunk as :func:`encode_chunk` made it (for merges).
@@ -305,6 +354,9 @@ class CacheWriter:
             raise RuntimeError("CacheWriter.write_chunk() called outside its `with` block")
         if self._buffer.filled or self.n_written % self.chunk_rows:
             raise RuntimeError("write_chunk() after a short chunk or a partial write()")
+        if self.feature_dims is not None:
+            raise EenetError(f"{self.path}: whole chunks carry no features; write features "
+                             f"with write()")
         self._store(data, np.asarray(labels, np.int64), np.asarray(sample_ids, np.int64))
 
     def _store(self, data: bytes, labels: np.ndarray, ids: np.ndarray) -> None:
@@ -358,6 +410,9 @@ class CacheWriter:
                 raise EenetError(f"{self.path}: cost vector name {name!r} clashes with a "
                                  f"dataset of the cache; rename it")
             f.create_dataset(name, data=vec)
+        for k, proj in enumerate(self.feature_projections if self.feature_dims else ()):
+            if proj is not None:
+                f.create_dataset(f"feature_projection_{k}", data=np.asarray(proj, np.float32))
         attrs = {
             "format": SHARD_FORMAT if self.shard else FORMAT_NAME,
             "format_version": FORMAT_VERSION, "eenet_version": __version__,
@@ -368,7 +423,10 @@ class CacheWriter:
             "chunk_rows": self.chunk_rows, "device": "", "seed": -1, **self.meta,
         }
         reserved = set(attrs) - {"device", "seed", "created"}
-        attrs.update({k: v for k, v in self.attrs.items() if k not in reserved})
+        attrs.update({k: v for k, v in self.attrs.items()
+                      if k not in reserved and k != "feature_dims"})  # a copy's, stale here
+        if self.feature_dims is not None:
+            attrs["feature_dims"] = json.dumps(self.feature_dims)
         for key, value in attrs.items():
             f.attrs[key] = _attr_value(value)
 
@@ -387,12 +445,16 @@ def write_cache(path: str | os.PathLike, cache: ExitCache, *,
                      logits_kind=cache.logits_kind, model=cache.model, dataset=cache.dataset,
                      split=cache.split, exit_names=cache.exit_names, attrs=dict(cache.attrs),
                      with_sample_ids=cache.sample_ids is not None,
-                     expected_rows=cache.n_samples) as w:
+                     expected_rows=cache.n_samples,
+                     feature_dims=None if cache.features is None else
+                     [f.shape[1] for f in cache.features],
+                     feature_projections=cache.feature_projections) as w:
         rows = w.chunk_rows
         for start in range(0, cache.n_samples, rows):
             sl = slice(start, start + rows)
             w.write(cache.logits[sl], cache.labels[sl],
-                    None if cache.sample_ids is None else cache.sample_ids[sl])
+                    None if cache.sample_ids is None else cache.sample_ids[sl],
+                    None if cache.features is None else [f[sl] for f in cache.features])
         w.set_costs(cache.costs, cost_unit=cache.cost_unit, cost_source=cache.cost_source,
                     extra=cache.extra_costs)
     return Path(path)

@@ -55,13 +55,20 @@ from eenet.cli import (check_output, echo_json, existing_file, fmt_costs, given,
 @click.option("--distributed", is_flag=True, default=None,
               help="Shard the data over the ranks torchrun started (automatic when "
                    "WORLD_SIZE > 1): torchrun --nproc_per_node=P -m eenet cache ...")
+@click.option("--features", is_flag=True,
+              help="Also store each exit's hidden features: the input of its head's last "
+                   "nn.Linear, float16 (one process, not with --resume).")
+@click.option("--feature-dim", type=click.IntRange(1), default=64, show_default=True,
+              help="Features wider than this are stored through a seeded Gaussian random "
+                   "projection (seeded by --seed, stored in the cache).")
 @click.pass_context
 @handle_errors
 def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: str,
           data_dir: Path | None, out: Path, split: str | None, device: str | None,
           batch_size: int, num_workers: int, limit: int | None, costs: str, cost_unit: str,
           costs_from: Path | None, dtype: str, exit_modules: str | None, autocast: bool,
-          timing: bool | None, resume: bool, distributed: bool | None) -> None:
+          timing: bool | None, resume: bool, distributed: bool | None, features: bool,
+          feature_dim: int) -> None:
     """Run a frozen multi-exit network once and store every exit's output."""
     import eenet.examples  # noqa: F401  (registers the bundled dataset names)
     from eenet._validation import Interrupted
@@ -73,6 +80,9 @@ def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: 
                               "--model": existing_file(model_spec),
                               "--data": existing_file(data_spec)},
                  binary="an HDF5 cache")
+    if given(ctx, "feature_dim") and not features:
+        raise click.UsageError("--feature-dim sets the width of stored features; add "
+                               "--features")
     if given(ctx, "cost_unit") and (costs in ("measured", "flops") or costs_from is not None):
         raise click.UsageError("--cost-unit is the unit of given --costs values; measured "
                                "costs are in ms, flops in FLOPs, and --costs-from copies the "
@@ -85,7 +95,8 @@ def cache(ctx: click.Context, model_spec: str, weights: Path | None, data_spec: 
                         exit_modules=parse_names(exit_modules), dtype=dtype,
                         autocast=autocast, seed=ctx.obj["seed"],
                         verbose=ctx.obj["progress"], resume=resume,
-                        distributed=distributed or None)
+                        distributed=distributed or None, features=features,
+                        feature_dim=feature_dim)
     try:
         path = cache_model(model_spec, data_spec, out, opts)
     except (KeyboardInterrupt, Interrupted):
@@ -166,3 +177,7 @@ def info(cache_path: Path, as_json: bool) -> None:
         click.echo(f"  {name:<10} {cost:>12.4g} {acc:>9.4f}")
     click.echo(f"  last-exit accuracy {s['last_exit_accuracy']:.4f}   "
                f"oracle (any exit right) {s['oracle_accuracy']:.4f}")
+    if s.get("features"):
+        shapes = ", ".join(f"{'x'.join(map(str, shape))}{' (projected)' if proj else ''}"
+                           for shape, proj in zip(s["features"], s["feature_projected"]))
+        click.echo(f"  features (float16, per exit): {shapes}")

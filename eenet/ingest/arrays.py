@@ -9,12 +9,18 @@ Accepted sources:
   a list or tuple of per-exit [n_samples, n_classes] tensors, or a dict with
   the same keys as the ``.npz``.
 
+Per-exit hidden features may come too, stored as the cache's optional
+``features_k`` (float16, as given, not projected): in an ``.npz`` as arrays
+``features_0``, ``features_1``, ... (one ``[n_samples, d_k]`` per exit); in a
+``.pt`` dict as the same keys or as ``features``, a list of one tensor per exit.
+
 Probabilities are stored as log-probabilities (their softmax gives back the
 probabilities), with the root attribute ``logits_kind = "log_probs"``.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -142,7 +148,8 @@ def load_exit_outputs(src: str | os.PathLike, *, labels: str | os.PathLike | Non
                      cost_unit=shared["cost_unit"],
                      cost_source=shared.get("cost_source", "given"), model=model or src.stem,
                      dataset=dataset, split=split, logits_kind=kind,
-                     extra_costs=shared.get("extra_costs", {}), attrs=shared.get("attrs", {}))
+                     extra_costs=shared.get("extra_costs", {}), attrs=shared.get("attrs", {}),
+                     features=stored.get("features"))
 
 
 def _read_outputs(src: Path, layout: Layout, probs: bool
@@ -164,6 +171,7 @@ def _read_outputs(src: Path, layout: Layout, probs: bool
                              f"[n_samples, n_exits, n_classes], found keys {keys}")
         stored = {k: raw[k] for k in ("labels", "costs") if raw.get(k) is not None}
         stored["probs_key"] = "probs" in raw
+        stored["features"] = _stored_features(raw, src)
     else:
         array = raw
     array = _to_numpy(array, "logits", src)
@@ -177,6 +185,27 @@ def _read_outputs(src: Path, layout: Layout, probs: bool
     if layout == "knc":
         array = np.swapaxes(array, 0, 1)  # [n_exits, n_samples, n_classes] -> [n_samples, ...]
     return np.ascontiguousarray(array, dtype=np.float32), stored, probs
+
+
+def _stored_features(raw: dict[str, Any], src: Path) -> list[np.ndarray] | None:
+    """Per-exit features from ``features`` (a list) or ``features_0``, ``features_1``, ..."""
+    numbered = sorted((k for k in map(str, raw) if re.fullmatch(r"features_\d+", k)),
+                      key=lambda k: int(k.split("_")[1]))
+    if "features" in raw and numbered:
+        raise EenetError(f"{src}: holds both 'features' and {numbered[0]!r}; keep one form")
+    if "features" in raw:
+        listed = raw["features"]
+        if not isinstance(listed, (list, tuple)):
+            raise EenetError(f"{src}: 'features' must be a list of one [n_samples, d] "
+                             f"tensor per exit, got {type(listed).__name__}")
+        return [np.asarray(_to_numpy(v, f"features[{k}]", src)) for k, v in enumerate(listed)]
+    if not numbered:
+        return None
+    want = [f"features_{k}" for k in range(len(numbered))]
+    if numbered != want:
+        raise EenetError(f"{src}: feature arrays {numbered} are not features_0 .. "
+                         f"features_{len(numbered) - 1}; number them from 0, one per exit")
+    return [np.asarray(_to_numpy(raw[k], k, src)) for k in numbered]
 
 
 def _check_range(src: Path, array: np.ndarray, dtype: str) -> None:

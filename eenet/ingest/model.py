@@ -40,6 +40,7 @@ from eenet.cache import check_output_path, chunk_rows_for
 from eenet.ingest.data import check_item, dataset_split, load_dataset
 from eenet.ingest.distributed import (distributed_context, process_group,
                                       remove_stale_shards, step)
+from eenet.ingest.features import FeatureCapture
 from eenet.ingest.forward import (exit_logits, forward, make_loader, select_rows,
                                   stream_batches, to_device)
 from eenet.ingest.pipeline import (CacheJob, CacheOptions, options_from, run_distributed,
@@ -288,10 +289,16 @@ def _prepare(model_spec: str, data_spec: str, opts: CacheOptions,
         n_rows = len(dataset) if opts.limit is None else min(opts.limit, len(dataset))
     itemsize = np.dtype(opts.dtype).itemsize
     split = opts.split if opts.split is not None else dataset_split(str(data_spec))
-    return CacheJob(str(model_spec), str(data_spec), opts, model, dataset, device, example,
-                int(n_exits), int(n_classes), n_rows,
-                chunk_rows_for(n_exits, n_classes, itemsize, multiple_of=opts.batch_size),
-                split)
+    job = CacheJob(str(model_spec), str(data_spec), opts, model, dataset, device, example,
+                   int(n_exits), int(n_classes), n_rows,
+                   chunk_rows_for(n_exits, n_classes, itemsize, multiple_of=opts.batch_size),
+                   split)
+    if opts.features:
+        job.capture = FeatureCapture(model, first, job.n_exits, feature_dim=opts.feature_dim,
+                                     seed=opts.seed, names=opts.exit_modules)
+        with job.capture:
+            job.feature_dims = job.capture.probe(model, first)
+    return job
 
 
 def cache_model(model_spec: str, data_spec: str, out: str | os.PathLike,
@@ -325,6 +332,9 @@ def cache_model(model_spec: str, data_spec: str, out: str | os.PathLike,
     opts = options_from(options, dict(kwargs))
     out = check_output_path(out)
     ctx = distributed_context(opts.distributed, opts.device)
+    if ctx is not None and opts.features:
+        raise EenetError("--features is written by one process; run eenet cache without "
+                         "torchrun (or drop --features)")
     dev = ctx.device if ctx is not None else resolve_device(opts.device)
     partial = PartialRun(out)
     if ctx is None or ctx.rank == 0:

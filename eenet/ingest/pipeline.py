@@ -15,6 +15,7 @@ measured (:mod:`eenet.ingest.costs`); a resumed run reuses the ones it saved.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -38,6 +39,7 @@ from eenet.cache import CacheWriter, merge_shards
 from eenet.ingest.costs import (ChosenCosts, choose_costs, costs_from_cache, given_costs,
                                 measure_costs, parse_cost_spec)
 from eenet.ingest.distributed import DistContext, ShardSampler, run_sharded, step
+from eenet.ingest.features import FeatureCapture
 from eenet.ingest.forward import make_loader, stream_batches
 from eenet.ingest.stream import BackgroundWriter, ChunkDirWriter, PartialRun
 
@@ -76,6 +78,10 @@ class CacheOptions:
             the same arguments (see :mod:`eenet.ingest.stream`).
         distributed: shard over ``torchrun`` ranks; ``None`` does so when
             ``WORLD_SIZE > 1`` (see :mod:`eenet.ingest.distributed`).
+        features: also store every exit's hidden features, the input of its
+            head's last linear layer (see :mod:`eenet.ingest.features`); one
+            process, not resumable.
+        feature_dim: the widest features stored; wider ones are projected.
     """
 
     weights: str | os.PathLike | None = None
@@ -98,6 +104,8 @@ class CacheOptions:
     verbose: bool = True
     resume: bool = False
     distributed: bool | None = None
+    features: bool = False
+    feature_dim: int = 64
 
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, ("float32", "float16"))
@@ -105,6 +113,10 @@ class CacheOptions:
         check_int("num_workers", self.num_workers, 0)
         check_int("seed", self.seed, 0)
         check_int("repeats", self.repeats, 1)
+        check_int("feature_dim", self.feature_dim, 1)
+        if self.features and self.resume:
+            raise EenetError("--features is written by a single uninterrupted run; drop "
+                             "--resume (or --features)")
         if self.limit is not None:
             check_int("limit", self.limit, 1)
         if not self.min_run_time > 0:
@@ -153,6 +165,8 @@ class CacheJob:
     n_rows: int | None  # None for an iterable dataset without --limit
     chunk_rows: int
     split: str
+    capture: FeatureCapture | None = None  # with --features
+    feature_dims: list[int] | None = None
 
     @property
     def n_chunks(self) -> int:
@@ -167,7 +181,10 @@ class CacheJob:
         return dict(n_exits=self.n_exits, n_classes=self.n_classes, dtype=self.opts.dtype,
                     model=self.model_spec, dataset=self.data_spec, split=self.split,
                     attrs=dict(attrs or {}), with_sample_ids=True,
-                    chunk_rows=self.chunk_rows, expected_rows=self.n_rows)
+                    chunk_rows=self.chunk_rows, expected_rows=self.n_rows,
+                    feature_dims=self.feature_dims,
+                    feature_projections=None if self.capture is None else
+                    self.capture.projections)
 
 
 
@@ -194,6 +211,8 @@ def _attrs(job: CacheJob, costs: ChosenCosts, ctx: DistContext | None) -> dict[s
              "weights": "" if o.weights is None else str(o.weights),
              "autocast": bool(o.autocast), "network_sha256": network_fingerprint(job.model),
              **costs.attrs}
+    if job.capture is not None:
+        attrs.update(feature_source="last_linear_input", feature_dim=o.feature_dim)
     if ctx is not None:
         attrs.update(world_size=ctx.world_size, cost_rank=0, distributed_backend=ctx.backend)
     return attrs
@@ -218,11 +237,13 @@ def _stream(job: CacheJob, sink: Any, *, chunks: Sequence[int] | None = None,
     loader = make_loader(dataset, o.batch_size, o.num_workers, job.device, sampler)
     total = ids.size if ids is not None else limit
     show = o.verbose and int(os.environ.get("RANK", "0") or 0) == 0
+    capture = job.capture if job.capture is not None else contextlib.nullcontext()
     with tqdm(total=total, desc="caching exits", unit="sample", file=sys.stderr,
-              disable=not show) as bar, BackgroundWriter(sink) as writer:
+              disable=not show) as bar, BackgroundWriter(sink) as writer, capture:
         for batch in stream_batches(job.model, loader, job.device, ids=ids, first_id=skip,
                                     limit=limit, autocast=o.autocast, bar=bar):
-            writer.put(*batch)
+            feats = None if job.capture is None else job.capture.take(len(batch[1]))
+            writer.put(*batch, features=feats)
 
 
 class _Skip(IterableDataset):

@@ -87,22 +87,26 @@ class BackgroundWriter:
             item = self._queue.get()
             if item is _STOP or self._abort.is_set():
                 return
-            logits, labels, ids, ready = item
+            logits, labels, ids, ready, features = item
             try:
                 if ready is not None:
                     ready.synchronize()  # the device-to-host copy of this batch is done
-                self.sink.write(_numpy(logits), _numpy(labels), _numpy(ids))
+                more = {} if features is None else {"features": features}
+                self.sink.write(_numpy(logits), _numpy(labels), _numpy(ids), **more)
             except BaseException as err:  # handed to the caller's thread
                 self._error = err
                 return
 
-    def put(self, logits: Any, labels: Any, sample_ids: Any, ready: Any = None) -> None:
+    def put(self, logits: Any, labels: Any, sample_ids: Any, ready: Any = None,
+            features: Any = None) -> None:
         """Queue one batch (numpy arrays or CPU tensors); ``ready`` is an event to wait on.
+
+        ``features`` (per-exit arrays), when given, reach ``sink.write`` as a keyword.
 
         Raises:
             Exception: the error that stopped the writer thread, if any.
         """
-        item = (logits, labels, sample_ids, ready)
+        item = (logits, labels, sample_ids, ready, features)
         while True:
             self._raise_error()
             try:
