@@ -89,7 +89,8 @@ def test_bad_features_are_refused():
     with pytest.raises(EenetError, match=r"exit 1 have shape \(39, 8\)"):
         ExitCache(c.logits, c.labels, c.costs, features=(c.features[0], c.features[1][:-1]))
     with pytest.raises(EenetError, match="overflow float16"):
-        ExitCache(c.logits, c.labels, c.costs, features=(c.features[0], c.features[1].astype(np.float32) * 1e6))
+        ExitCache(c.logits, c.labels, c.costs,
+                  features=(c.features[0], c.features[1].astype(np.float32) * 1e6))
 
 
 def test_writer_needs_features_with_every_batch(tmp_path):

@@ -156,7 +156,8 @@ class TestPersistence:
         with pytest.raises(EenetError, match="foreign.pt: not an eenet policy file"):
             ExitPolicy.load(tmp_path / "foreign.pt")
         (tmp_path / "garbage.pt").write_bytes(b"garbage" * 50)
-        with pytest.raises(EenetError, match="garbage.pt: not a readable policy file \\(not a torch.save archive"):
+        with pytest.raises(EenetError, match="garbage.pt: not a readable policy file "
+                                             "\\(not a torch.save archive"):
             ExitPolicy.load(tmp_path / "garbage.pt")
         torch.save({"x": Foreign()}, tmp_path / "obj.pt")
         with pytest.raises(EenetError, match="holds Python objects, not only tensors"):
