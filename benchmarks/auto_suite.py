@@ -11,6 +11,8 @@ larger seed sd of the two, 0.15 point).
 Usage:
     python benchmarks/auto_suite.py --seeds 3 --out benchmarks/results/auto_suite.csv
     python benchmarks/auto_suite.py --networks cnn4 --n-budgets 4 --seeds 1   # a subset
+    python benchmarks/auto_suite.py --networks cnn6 --previous benchmarks/results/auto_suite.csv \
+        --out benchmarks/results/auto_suite.csv   # run cnn6, keep the file's other networks
 """
 from __future__ import annotations
 
@@ -111,13 +113,23 @@ def main() -> None:
     parser.add_argument("--n-synthetic", type=int, default=10_000)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/auto_suite.csv"))
+    parser.add_argument("--previous", type=Path, default=None,
+                        help="an earlier run's CSV: its rows of the networks not run now are "
+                             "kept in the output and the report")
     add_cache_options(parser)
     args = parser.parse_args()
     started = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    names = [n.strip() for n in args.networks.split(",")]
     tables = []
-    for name in args.networks.split(","):
-        table = run_network(name.strip(), args)
+    if args.previous is not None:
+        kept = pd.read_csv(args.previous)
+        kept = kept[~kept["network"].isin(names)]
+        if len(kept):
+            print(f"kept from {args.previous}: {', '.join(kept['network'].unique())}")
+            tables.append(kept)
+    for name in names:
+        table = run_network(name, args)
         if table is None:
             continue
         tables.append(table)
@@ -126,7 +138,14 @@ def main() -> None:
         rows.to_csv(args.out, index=False)
         text = report(check_table(rows), time.perf_counter() - started, args)
         args.out.with_suffix(".md").write_text(text)
-    print(text if tables else "no network available")
+    if not tables:
+        print("no network available")
+        return
+    rows = pd.concat(tables, ignore_index=True)
+    rows.to_csv(args.out, index=False)
+    text = report(check_table(rows), time.perf_counter() - started, args)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ and served latency against the budget.
    cumulative latency at batch 1 on one thread, and FLOPs.
 2. The sanity reference: a hashed bag of words (lower-cased words of the same
    text, ``zlib.crc32`` into 32,768 buckets, counts), one linear layer, 4
-   epochs of Adam on the ``train`` split, its test accuracy.
+   epochs of Adam on the ``train`` split, its test accuracy over ``--bow-seeds``
+   seeds; and the same at 16,384 and 65,536 buckets (what sharing buckets costs).
 3. Served latency: ``eenet`` and ``maxprob`` fitted on val at three budgets
    (each paying its own measured cost), served on the first ``--limit`` test
    samples with :class:`eenet.runtime.EarlyExitModel`
@@ -66,9 +67,10 @@ def exit_rows(val: ExitCache, test: ExitCache) -> list[dict]:
              "flops": float(flops[k])} for k in range(val.n_exits)]
 
 
-def bag_of_words(synsets: list[wn.Synset], rows: np.ndarray) -> list[torch.Tensor]:
-    """Hashed word ids of ``rows``, one int64 tensor per sample (buckets 0 .. BOW_BUCKETS-1)."""
-    return [torch.tensor([zlib.crc32(w.encode("utf-8")) % BOW_BUCKETS
+def bag_of_words(synsets: list[wn.Synset], rows: np.ndarray, n_buckets: int = BOW_BUCKETS
+                 ) -> list[torch.Tensor]:
+    """Hashed word ids of ``rows``, one int64 tensor per sample (buckets 0 .. n_buckets-1)."""
+    return [torch.tensor([zlib.crc32(w.encode("utf-8")) % n_buckets
                           for w in wn.WORD_PATTERN.findall(synsets[r].text.lower())] or [0],
                          dtype=torch.long) for r in rows]
 
@@ -87,15 +89,16 @@ class BagOfWords(nn.Module):
         return self.weight(torch.cat(docs), offsets) + self.bias
 
 
-def bow_reference(seed: int, epochs: int = 4, batch_size: int = 64) -> dict:
+def bow_reference(seed: int, epochs: int = 4, batch_size: int = 64,
+                  n_buckets: int = BOW_BUCKETS) -> dict:
     """The hashed bag-of-words logistic regression: test accuracy after ``epochs`` of Adam."""
     synsets = wn.read_synsets()
     labels = np.array([s.lex_filenum for s in synsets], dtype=np.int64)
     train, test = (wn.split_indices(labels, s) for s in ("train", "test"))
-    x_train, x_test = bag_of_words(synsets, train), bag_of_words(synsets, test)
+    x_train, x_test = (bag_of_words(synsets, rows, n_buckets) for rows in (train, test))
     y_train, y_test = torch.from_numpy(labels[train]), torch.from_numpy(labels[test])
     torch.manual_seed(seed)
-    model = BagOfWords(BOW_BUCKETS, wn.N_CLASSES)
+    model = BagOfWords(n_buckets, wn.N_CLASSES)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
@@ -109,7 +112,8 @@ def bow_reference(seed: int, epochs: int = 4, batch_size: int = 64) -> dict:
             opt.step()
     with torch.inference_mode():
         accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
-    return {"what": f"bag of words ({BOW_BUCKETS} buckets, linear, {epochs} epochs Adam)",
+    return {"what": f"bag of words ({n_buckets} buckets, linear, {epochs} epochs Adam, "
+                    f"seed {seed})",
             "test_accuracy": accuracy, "seconds": time.perf_counter() - start}
 
 
@@ -150,6 +154,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache-dir", type=Path, default=Path("cache"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bow-seeds", type=int, default=3,
+                    help="seeds of the 32,768-bucket bag-of-words reference")
     ap.add_argument("--limit", type=int, default=2000, help="test samples served")
     ap.add_argument("--batch1", type=int, default=500, help="of them, timed one at a time")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/wordnet_example.csv"))
@@ -159,9 +165,13 @@ def main() -> None:
     for r in rows:
         print(f"{r['what']}: test {r['test_accuracy']:.4f} val {r['val_accuracy']:.4f} "
               f"{r['latency_ms_batch1']:.4f} ms {r['flops'] / 1e6:.2f} MFLOPs", flush=True)
-    rows.append(bow_reference(args.seed))
-    print(f"{rows[-1]['what']}: test {rows[-1]['test_accuracy']:.4f} "
-          f"({rows[-1]['seconds']:.0f} s)", flush=True)
+    for n_buckets in (16_384, BOW_BUCKETS, 65_536):
+        seeds = range(args.seed, args.seed + (args.bow_seeds if n_buckets == BOW_BUCKETS
+                                              else 1))
+        for seed in seeds:
+            rows.append(bow_reference(seed, n_buckets=n_buckets))
+            print(f"{rows[-1]['what']}: test {rows[-1]['test_accuracy']:.4f} "
+                  f"({rows[-1]['seconds']:.0f} s)", flush=True)
     rows += served_rows(val, test, args.limit, args.batch1, args.seed)
     table = pd.DataFrame(rows)
     table["seed"], table["eenet_version"] = args.seed, eenet.__version__

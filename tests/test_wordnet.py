@@ -69,11 +69,13 @@ def write_fake_wordnet(folder: Path, copies: int = 1) -> Path:
     return folder
 
 
-def small_transformer(seed: int = 0, n_layers: int = 4) -> MultiExitTransformer:
+def small_transformer(seed: int = 0, n_layers: int = 4, d_embed: int | None = None
+                      ) -> MultiExitTransformer:
     """An untrained transformer of the bundled factory's kind, small and quick."""
     torch.manual_seed(seed)
     return MultiExitTransformer(wn.N_CLASSES, n_buckets=512, max_len=wn.MAX_LEN,
-                                n_layers=n_layers, d_model=32, n_heads=4, d_ff=64).eval()
+                                n_layers=n_layers, d_model=32, n_heads=4, d_ff=64,
+                                d_embed=d_embed).eval()
 
 
 def random_tokens(n: int, seed: int, n_buckets: int = wn.N_BUCKETS,
@@ -199,8 +201,9 @@ class TestSplit:
 # the staged transformer
 # ---------------------------------------------------------------------------
 class TestTransformer:
-    def test_staged_forward_equals_plain(self):
-        model = small_transformer()
+    @pytest.mark.parametrize("d_embed", [None, 8], ids=["full-width", "factorised"])
+    def test_staged_forward_equals_plain(self, d_embed):
+        model = small_transformer(d_embed=d_embed)
         x = random_tokens(9, seed=1, n_buckets=512)
         state, staged = x, []
         for stage, head in zip(model.stages, model.heads):
@@ -210,9 +213,10 @@ class TestTransformer:
         for a, b in zip(staged, model(x)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
-    def test_padding_and_batch_do_not_change_a_sample(self):
+    @pytest.mark.parametrize("d_embed", [None, 8], ids=["full-width", "factorised"])
+    def test_padding_and_batch_do_not_change_a_sample(self, d_embed):
         """Exits of a sample alone, cut to its length, equal those in a padded mixed batch."""
-        model = small_transformer()
+        model = small_transformer(d_embed=d_embed)
         x = random_tokens(6, seed=2, n_buckets=512)
         with torch.inference_mode():
             batch = torch.stack(model(x), dim=1)  # [6, K, C]
@@ -220,6 +224,16 @@ class TestTransformer:
                 length = int((x[i] != wn.PAD_ID).sum())
                 alone = torch.stack(model(x[i:i + 1, :length]), dim=1)
                 torch.testing.assert_close(alone[0], batch[i], rtol=1e-4, atol=1e-5)
+
+    def test_factorised_word_table(self):
+        """A narrow word table is projected to the model width: fewer parameters per bucket."""
+        wide, narrow = small_transformer(), small_transformer(d_embed=8)
+        table = narrow.stages[0][0].words.weight
+        assert tuple(table.shape) == (512, 8)
+        assert tuple(narrow.stages[0][0].project.weight.shape) == (32, 8)
+        assert isinstance(wide.stages[0][0].project, torch.nn.Identity)
+        n_params = [sum(p.numel() for p in m.parameters()) for m in (wide, narrow)]
+        assert n_params[0] - n_params[1] == 512 * (32 - 8) - 32 * 8
 
     def test_bad_input(self):
         with pytest.raises(EenetError, match="expected integer token ids"):

@@ -43,8 +43,8 @@ CHECKPOINTS = {4: "fashion_mnist_cnn4.pt", 6: "fashion_mnist_cnn6.pt"}
 WORDNET_CHECKPOINT = "wordnet_transformer.pt"
 #: the bundled WordNet transformer; sizes keep the float16 checkpoint under 4 MB
 WORDNET_ARCH: dict[str, int | float] = {
-    "n_classes": 45, "n_buckets": 16_384, "max_len": 40, "n_layers": 6, "d_model": 64,
-    "n_heads": 4, "d_ff": 256, "dropout": 0.1}
+    "n_classes": 45, "n_buckets": 65_536, "d_embed": 16, "max_len": 40, "n_layers": 6,
+    "d_model": 64, "n_heads": 4, "d_ff": 256, "dropout": 0.1}
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -172,7 +172,8 @@ def wordnet_transformer() -> MultiExitTransformer:
     """The 6-exit WordNet-supersense transformer with its trained weights.
 
     Reads token ids ``[batch, 40]`` from ``--data wordnet:SPLIT``
-    (:mod:`eenet.examples.wordnet`); 45 classes.
+    (:mod:`eenet.examples.wordnet`); 45 classes. The word table holds 65,536
+    hash buckets 16 wide, projected to the model's 64 (``WORDNET_ARCH``).
     """
     model = MultiExitTransformer(**WORDNET_ARCH)  # type: ignore[arg-type]
     load_checkpoint(model, PACKAGE_DIR / WORDNET_CHECKPOINT, "eenet.examples.train_wordnet")

@@ -13,10 +13,11 @@ decay; batches group sequences of similar length and are cut to their longest
 sequence, which changes nothing (padding gets no attention) and saves most of
 the compute. The run is seeded: the same seed, thread count and torch build give
 the same weights. The checkpoint is a float16 state dict, loadable with
-``torch.load(weights_only=True)``. The committed checkpoint took 1,456 s with
-the defaults (4 epochs, peak learning rate 3e-3, batch 64, one thread) on a
-2-core machine other jobs were sharing; one thread beats two there, since two
-threads spinning on busy cores wait on each other.
+``torch.load(weights_only=True)``. The committed checkpoint took 554 s with the
+defaults (4 epochs, peak learning rate 3e-3, batch 64, one thread) on a 2-core
+machine while a second training ran on the other core; one thread beats two on
+a 2-core machine other jobs share, since two threads spinning on busy cores wait
+on each other.
 """
 from __future__ import annotations
 
@@ -95,8 +96,10 @@ def train_model(epochs: float = 4.0, seed: int = 0, batch_size: int = 64, lr: fl
     """
     with torch.random.fork_rng(devices=[]):  # weight init and dropout, restored afterwards
         torch.manual_seed(seed)
-        model = MultiExitTransformer(**{**WORDNET_ARCH, **arch})
-        ids, y = (torch.from_numpy(a) for a in load_arrays("train", data_dir))
+        arch = {**WORDNET_ARCH, **arch}
+        model = MultiExitTransformer(**arch)
+        tokens = {"max_len": int(arch["max_len"]), "n_buckets": int(arch["n_buckets"])}
+        ids, y = (torch.from_numpy(a) for a in load_arrays("train", data_dir, **tokens))
         gen = torch.Generator().manual_seed(seed)  # the shuffling order
         steps_per_epoch = math.ceil(ids.shape[0] / batch_size)
         total = max(1, round(epochs * steps_per_epoch))
@@ -125,7 +128,7 @@ def train_model(epochs: float = 4.0, seed: int = 0, batch_size: int = 64, lr: fl
     report = {"epochs": epochs, "seed": seed, "seconds": seconds, "steps": total,
               "threads": torch.get_num_threads()}
     for split in ("val", "test"):
-        x, t = (torch.from_numpy(a) for a in load_arrays(split, data_dir))
+        x, t = (torch.from_numpy(a) for a in load_arrays(split, data_dir, **tokens))
         report[split] = exit_accuracies(model, x, t).tolist()
     return model, report
 
@@ -146,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--d-model", type=int, default=WORDNET_ARCH["d_model"])
     parser.add_argument("--d-ff", type=int, default=WORDNET_ARCH["d_ff"])
     parser.add_argument("--layers", type=int, default=WORDNET_ARCH["n_layers"])
+    parser.add_argument("--buckets", type=int, default=WORDNET_ARCH["n_buckets"],
+                        help="hash buckets of the word table")
+    parser.add_argument("--d-embed", type=int, default=WORDNET_ARCH.get("d_embed"),
+                        help="width of the word table (projected to --d-model)")
     parser.add_argument("--out", type=Path, help="checkpoint path (.pt); none for a trial")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -154,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model, report = train_model(args.epochs, args.seed, args.batch_size, args.lr,
                                 data_dir=args.data_dir, verbose=not args.quiet,
-                                d_model=args.d_model, d_ff=args.d_ff, n_layers=args.layers)
+                                d_model=args.d_model, d_ff=args.d_ff, n_layers=args.layers,
+                                n_buckets=args.buckets, d_embed=args.d_embed)
     n_exits = len(model.heads)
     lines = [f"trained {n_exits}-layer transformer, {args.epochs:g} epochs ({report['steps']} "
              f"steps), seed {args.seed}, {report['seconds']:.0f} s on {report['threads']} "

@@ -66,13 +66,21 @@ class EncoderLayer(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token ids [b, t] -> ``(word + position embeddings [b, t, d], keep [b, t])``."""
+    """Token ids [b, t] -> ``(word + position embeddings [b, t, d], keep [b, t])``.
+
+    With ``d_embed < d_model`` the word table is factorised as in ALBERT: ``d_embed``
+    wide, projected to ``d_model`` by a linear map, so more hash buckets (fewer words
+    sharing one) fit in the same number of parameters.
+    """
 
     def __init__(self, n_buckets: int, max_len: int, d_model: int, dropout: float,
-                 pad_id: int = 0) -> None:
+                 pad_id: int = 0, d_embed: int | None = None) -> None:
         super().__init__()
         self.pad_id, self.max_len = pad_id, max_len
-        self.words = nn.Embedding(n_buckets, d_model, padding_idx=pad_id)
+        d_embed = d_model if d_embed is None else d_embed
+        self.words = nn.Embedding(n_buckets, d_embed, padding_idx=pad_id)
+        self.project = (nn.Identity() if d_embed == d_model
+                        else nn.Linear(d_embed, d_model, bias=False))
         self.positions = nn.Embedding(max_len, d_model)
         self.drop = nn.Dropout(dropout)
 
@@ -81,7 +89,7 @@ class Embedding(nn.Module):
             raise EenetError(f"expected integer token ids [batch, seq_len <= {self.max_len}], "
                              f"got {ids.dtype} {list(ids.shape)}")
         pos = torch.arange(ids.shape[1], device=ids.device)
-        x = self.drop(self.words(ids) + self.positions(pos))
+        x = self.drop(self.project(self.words(ids)) + self.positions(pos))
         return x, ids != self.pad_id
 
 
@@ -108,6 +116,8 @@ class MultiExitTransformer(nn.Module):
         d_model: hidden size; ``n_heads`` heads of ``d_model / n_heads``.
         d_ff: feed-forward width.
         dropout: on embeddings, attention weights and residual branches (training only).
+        d_embed: width of the word table (default ``d_model``); narrower tables are
+            projected to ``d_model`` (:class:`Embedding`).
 
     Shapes:
         input int64 ``[batch, seq_len]``; ``forward`` returns ``n_layers``
@@ -123,13 +133,14 @@ class MultiExitTransformer(nn.Module):
 
     def __init__(self, n_classes: int, *, n_buckets: int, max_len: int, n_layers: int = 6,
                  d_model: int = 64, n_heads: int = 4, d_ff: int = 256,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, d_embed: int | None = None) -> None:
         super().__init__()
         if n_layers < 1:
             raise EenetError(f"n_layers must be at least 1, got {n_layers}")
         self.n_exits, self.n_classes = n_layers, n_classes
         layers = [EncoderLayer(d_model, n_heads, d_ff, dropout) for _ in range(n_layers)]
-        first = nn.Sequential(Embedding(n_buckets, max_len, d_model, dropout), layers[0])
+        first = nn.Sequential(Embedding(n_buckets, max_len, d_model, dropout, d_embed=d_embed),
+                              layers[0])
         self.stages = nn.ModuleList([first, *layers[1:]])
         self.heads = nn.ModuleList([ClsHead(d_model, n_classes) for _ in range(n_layers)])
         self.apply(_init_weights)

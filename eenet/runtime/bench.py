@@ -255,8 +255,9 @@ def bench_policy(served: EarlyExitModel, dataset: Any, *, batch_size: int = 256,
         device: where to run.
         limit: use only the first ``limit`` samples.
         n_batch1: samples timed one at a time (the first of the split).
-        repeats: passes over the data per measurement; the fastest counts
-            (the one least disturbed by the rest of the machine).
+        repeats: passes over the data per measurement, the early-exit model's and
+            the full network's alternating; the fastest of each counts (the one
+            least disturbed by the rest of the machine).
         verbose: progress on stderr.
     """
     dev = resolve_device(device)
@@ -278,18 +279,18 @@ def bench_policy(served: EarlyExitModel, dataset: Any, *, batch_size: int = 256,
                 fn(x)
         return run
 
-    def best(items: list, fn: Callable[[Any], Any], threads: int | None) -> float:
+    def best(items: list, threads: int | None) -> tuple[float, float]:
+        """Fastest pass of the early-exit model and of the full one, passes alternating so
+        both see the same moments of a machine whose speed drifts."""
+        runs = (over(items, served), over(items, full))
         with _threads(threads), torch.inference_mode():
-            over(items[:2], fn)()  # warm-up
-            return min(_clock(over(items, fn), dev) for _ in range(repeats))
+            for fn in (served, full):
+                over(items[:2], fn)()  # warm-up
+            passes = [[_clock(run, dev) for run in runs] for _ in range(repeats)]
+        return tuple(min(p[i] for p in passes) for i in range(2))  # type: ignore[return-value]
 
-    def early(x: Any) -> Any:
-        return served(x)
-
-    t_b1 = best(singles, early, one)
-    t_full1 = best(singles, full, one)
-    t_bb = best(batches, early, None)
-    t_fullb = best(batches, full, None)
+    t_b1, t_full1 = best(singles, one)
+    t_bb, t_fullb = best(batches, None)
     costs = np.asarray(policy.reference["costs"], dtype=np.float64)  # type: ignore[index]
     if policy.overhead is not None:
         costs = costs + policy.overhead
