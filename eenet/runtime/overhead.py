@@ -77,7 +77,7 @@ def _leaving_at(policy: ExitPolicy, k: int) -> ExitPolicy:
 def policy_overhead(policy: ExitPolicy, cache: ExitCache, *, device: str | None = None,
                     min_run_time: float = 0.3, model: nn.Module | None = None,
                     example_input: Any = None, batch: int = 1,
-                    statistic: Literal["median", "paired"] = "median"
+                    statistic: Literal["median", "paired"] | None = None
                     ) -> np.ndarray | None:
     """The policy's own cost ``O_k`` for a sample leaving at each exit, in the cache's unit.
 
@@ -104,7 +104,11 @@ def policy_overhead(policy: ExitPolicy, cache: ExitCache, *, device: str | None 
         statistic: ``"median"`` (interleaved medians, as the cache's costs are
             measured) or ``"paired"``: inside the network, the median difference
             of blocks of about 0.5 ms timed back to back, around the stand-in the
-            fastest block; steadier on a machine others load (benchmarks).
+            fastest block. Default: ``"paired"`` inside the network, where the own
+            cost is a difference of two timings and a machine whose speed drifts
+            within seconds makes a difference of two medians timed apart
+            meaningless (a 0.03 ms decision measured at 0.3 ms); ``"median"``
+            around the stand-in.
 
     Returns:
         float64 [n_exits], non-decreasing, or ``None``.
@@ -134,6 +138,8 @@ def policy_overhead(policy: ExitPolicy, cache: ExitCache, *, device: str | None 
     if real:  # the network alone, truncated after each exit, to subtract
         stages, heads = staged_parts(net)
         network = [lambda k=k: _truncated(stages, heads, k, x) for k in range(k_exits)]
+    if statistic is None:
+        statistic = "paired" if real else "median"
     if statistic == "paired":
         out = _paired(runs, network, dev, min_run_time) / batch
     else:
