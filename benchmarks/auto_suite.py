@@ -13,6 +13,7 @@ Usage:
     python benchmarks/auto_suite.py --networks cnn4 --n-budgets 4 --seeds 1   # a subset
     python benchmarks/auto_suite.py --networks cnn6 --previous benchmarks/results/auto_suite.csv \
         --out benchmarks/results/auto_suite.csv   # run cnn6, keep the file's other networks
+    python benchmarks/auto_suite.py --merge a.csv b.csv --out benchmarks/results/auto_suite.csv
 """
 from __future__ import annotations
 
@@ -116,10 +117,23 @@ def main() -> None:
     parser.add_argument("--previous", type=Path, default=None,
                         help="an earlier run's CSV: its rows of the networks not run now are "
                              "kept in the output and the report")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="run nothing: merge these runs' CSVs (a network's rows from the "
+                             "last file holding it) into --out and its report")
     add_cache_options(parser)
     args = parser.parse_args()
     started = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        runs = [pd.read_csv(path) for path in args.merge]
+        rows = pd.concat([run[~run["network"].isin(pd.concat(runs[i + 1:])["network"])]
+                          if i + 1 < len(runs) else run for i, run in enumerate(runs)],
+                         ignore_index=True)
+        rows.to_csv(args.out, index=False)
+        text = report(check_table(rows), 0.0, args)
+        args.out.with_suffix(".md").write_text(text)
+        print(text)
+        return
     names = [n.strip() for n in args.networks.split(",")]
     tables = []
     if args.previous is not None:

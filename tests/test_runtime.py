@@ -622,6 +622,23 @@ class TestPolicyOverhead:
         assert many.shape == (4,) and np.all(np.isfinite(many)) and np.all(np.diff(many) >= 0)
         assert many[-1] < one[-1]
 
+    @pytest.mark.parametrize("inside", [True, False], ids=["in-network", "stand-in"])
+    def test_default_statistic(self, cnn, cnn_data, cnn_policies, monkeypatch, inside):
+        """Inside the network the own cost is a difference of two timings, paired by default
+        (back-to-back blocks see the same machine speed); around the stand-in, medians."""
+        import eenet.runtime.overhead as overhead
+
+        fit, x, _ = cnn_data
+        called = []
+        for name in ("_paired", "_interleaved_medians"):
+            real = getattr(overhead, name)
+            monkeypatch.setattr(overhead, name, lambda *a, _n=name, _r=real, **k: (
+                called.append(_n), _r(*a, **k))[1])
+        extra = {"model": cnn, "example_input": x[:1]} if inside else {}
+        over = policy_overhead(cnn_policies["maxprob"], fit, min_run_time=0.01, **extra)
+        assert over.shape == (4,) and np.all(np.diff(over) >= 0)
+        assert called == (["_paired"] if inside else ["_interleaved_medians"])
+
     def test_flops(self, cnn_policies, flops_cache):
         eenet = policy_overhead(cnn_policies["eenet"], flops_cache)
         maxprob = policy_overhead(cnn_policies["maxprob"], flops_cache)
