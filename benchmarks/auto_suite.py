@@ -83,8 +83,9 @@ def check_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def report(checks: pd.DataFrame, seconds: float, args: argparse.Namespace) -> str:
-    lines = [f"# auto against the best single method ({args.seeds} seeds, {args.n_budgets} "
-             f"budgets per profile, {seconds / 60:.0f} min)", "",
+    title = (f"merged from {len(args.merge)} runs" if args.merge else
+             f"{args.seeds} seeds, {args.n_budgets} budgets per profile, {seconds / 60:.0f} min")
+    lines = [f"# auto against the best single method ({title})", "",
              "Command: `python benchmarks/auto_suite.py " + " ".join(sys.argv[1:]) + "`", "",
              "Each method pays its own cost (`--overhead auto`). gap = auto - best single "
              "method (points); margin = max(seed sd, 0.15 point); `-` where auto cannot "
