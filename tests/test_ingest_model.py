@@ -552,10 +552,18 @@ SLOW_ARGS = ["--model", "_toy_models:slow_wide", "--data", "_toy_models:wide_dat
              "--batch-size", "16"]
 
 
+def _default_sigint() -> None:
+    # A suite started in the background of a non-interactive shell (`nohup make test &`)
+    # inherits SIGINT ignored, and Python keeps an inherited ignore; the child gets the
+    # default back, so Ctrl-C reaches it as it would in a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn(*args: str) -> subprocess.Popen:
     """``python -m eenet -q ARGS`` run from tests/ (where _toy_models lives)."""
     return subprocess.Popen([sys.executable, "-m", "eenet", "-q", *map(str, args)], cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 60.0) -> None:
