@@ -126,10 +126,12 @@ def main() -> None:
     started = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        runs = [pd.read_csv(path) for path in args.merge]
-        rows = pd.concat([run[~run["network"].isin(pd.concat(runs[i + 1:])["network"])]
-                          if i + 1 < len(runs) else run for i, run in enumerate(runs)],
-                         ignore_index=True)
+        kept, seen = [], set()
+        for path in reversed(args.merge):  # the last file holding a network wins
+            run = pd.read_csv(path)
+            kept.append(run[~run["network"].isin(seen)])
+            seen |= set(run["network"])
+        rows = pd.concat(kept[::-1], ignore_index=True)
         rows.to_csv(args.out, index=False)
         text = report(check_table(rows), 0.0, args)
         args.out.with_suffix(".md").write_text(text)

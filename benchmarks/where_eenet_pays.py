@@ -13,8 +13,8 @@ For each factor (1x, 4x, 16x), the exits are re-timed on the heavier network
 (``measure_costs``, as ``eenet cache`` times them), the validation and test
 caches take those costs, and EENet and max-probability are fitted at three
 budgets, each charged its own cost measured inside the heavier network
-(``policy_overhead`` with the model, as ``--overhead model`` does, timed with
-``statistic="paired"``, steadier on a shared machine). Test
+(``policy_overhead`` with the model, as ``--overhead model`` does, timed paired:
+back-to-back blocks, steadier on a machine whose speed drifts). Test
 accuracy and cost come from the simulation, which equals what the runtime
 serves (tests/test_runtime.py); the served batch-1 latency of each policy on
 ``--limit`` test images (``bench_policy``) checks that the budget holds, both as
@@ -115,9 +115,8 @@ def run_factor(net, x1, val, test, dataset, factor: int, stage_ms, unit_ms, args
     val_f, test_f = (dataclasses.replace(c, costs=np.asarray(costs),
                                          attrs={**c.attrs, **attrs}) for c in (val, test))
 
-    def own_cost(policy, cache):  # paired: steadier on a machine others load
-        return policy_overhead(policy, cache, model=model, example_input=x1,
-                               statistic="paired")
+    def own_cost(policy, cache):  # paired, the default inside the network
+        return policy_overhead(policy, cache, model=model, example_input=x1)
 
     rows = []
     for share in BUDGET_SHARES:

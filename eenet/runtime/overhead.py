@@ -180,9 +180,9 @@ def _paired(runs: list[Callable[[], Any]], minus: list[Callable[[], Any]] | None
     """ms of ``runs[k]`` minus ``minus[k]``: the median over alternating blocks of about
     0.5 ms of their difference (without ``minus``, the fastest block of ``runs[k]``).
 
-    On a machine others load, the speed of a core drifts over seconds (another
-    job on its sibling thread); blocks timed back to back see the same drift,
-    so their difference cancels it where two separate medians do not.
+    A core's speed can drift within seconds (the host, another job on its
+    sibling thread); blocks timed back to back see the same drift, so their
+    difference cancels it where two separate medians do not.
     """
     out = np.empty(len(runs))
     seconds = min_run_time / len(runs)
